@@ -1,0 +1,149 @@
+//! Declaring what a pipeline needs on the broker: its queue, the dead-letter
+//! queue, one queue per retry tier, bound and output exchanges, and bindings.
+//! Declarations are idempotent, so this runs on every (re)connect.
+
+use anyhow::{Context, Result};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind as LapinKind};
+
+use crate::config::{ExchangeKind, PipelineConfig, QueueType};
+use crate::retry::{RetryTiers, tier_queue};
+
+/// Declare everything `p` uses.
+pub async fn declare(channel: &Channel, p: &PipelineConfig, tiers: &RetryTiers) -> Result<()> {
+    let dlq = p.dlq_name();
+    let mut main_args = queue_type_args(p.queue_type);
+    if p.queue_type == QueueType::Quorum && p.delivery_limit > 0 {
+        // Bounds crash loops: a message that keeps killing warren (or keeps being
+        // requeued) ends up in the DLQ instead of cycling forever.
+        main_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(clamp_i32(p.delivery_limit)),
+        );
+        main_args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        main_args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dlq.as_str().into()),
+        );
+    }
+    queue(channel, &p.queue, main_args).await?;
+    queue(channel, &dlq, queue_type_args(p.queue_type)).await?;
+
+    for &ms in tiers.delays_ms() {
+        let mut args = queue_type_args(p.queue_type);
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(p.queue.as_str().into()),
+        );
+        if p.queue_type == QueueType::Quorum {
+            // Quorum queues dead-letter at-most-once unless told otherwise; a
+            // retry copy must not vanish between its tier and the origin queue.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        queue(channel, &tier_queue(&p.queue, ms), args).await?;
+    }
+
+    for b in &p.bindings {
+        exchange(channel, &b.exchange, b.kind).await?;
+        let keys: Vec<&str> = if b.routing_keys.is_empty() {
+            vec![""]
+        } else {
+            b.routing_keys.iter().map(String::as_str).collect()
+        };
+        for key in keys {
+            channel
+                .queue_bind(
+                    name(&p.queue)?,
+                    name(&b.exchange)?,
+                    name(key)?,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding queue {:?} to exchange {:?} with key {key:?}",
+                        p.queue, b.exchange
+                    )
+                })?;
+        }
+    }
+    for o in &p.outputs {
+        exchange(channel, &o.exchange, o.kind).await?;
+    }
+    Ok(())
+}
+
+fn queue_type_args(t: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    let v = match t {
+        QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
+    };
+    args.insert("x-queue-type".into(), AMQPValue::LongString(v.into()));
+    args
+}
+
+async fn queue(channel: &Channel, q: &str, args: FieldTable) -> Result<()> {
+    let opts = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name(q)?, opts, args)
+        .await
+        .with_context(|| {
+            format!(
+                "declaring queue {q:?} (if it already exists with other arguments, \
+             delete it or use another queue name)"
+            )
+        })?;
+    Ok(())
+}
+
+async fn exchange(channel: &Channel, x: &str, kind: ExchangeKind) -> Result<()> {
+    if x.starts_with("amq.") {
+        // Built-in exchanges exist already and cannot be redeclared by clients.
+        return Ok(());
+    }
+    let k = match kind {
+        ExchangeKind::Direct => LapinKind::Direct,
+        ExchangeKind::Fanout => LapinKind::Fanout,
+        ExchangeKind::Topic => LapinKind::Topic,
+    };
+    let opts = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(name(x)?, k, opts, FieldTable::default())
+        .await
+        .with_context(|| format!("declaring exchange {x:?} ({kind:?})"))
+}
+
+fn name(s: &str) -> Result<ShortString> {
+    ShortString::try_new(s).map_err(|_| anyhow::anyhow!("name {s:?} is longer than 255 bytes"))
+}
+
+fn clamp_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}

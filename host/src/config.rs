@@ -1,0 +1,399 @@
+//! The `warren.toml` configuration: serde structs, defaults and validation.
+//!
+//! Unknown fields are rejected everywhere so a typo is an error, not a silently
+//! ignored setting. Relative plugin paths are resolved against the directory of
+//! the config file. `WARREN_BROKER_URL` overrides `broker.url`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// Environment variable that overrides `broker.url` (keeps credentials out of the file).
+pub const BROKER_URL_ENV: &str = "WARREN_BROKER_URL";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection settings.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Operations endpoint (metrics, health).
+    #[serde(default)]
+    pub ops: OpsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// One entry per queue warren consumes from.
+    #[serde(default, rename = "pipeline")]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    #[serde(default = "default_broker_url")]
+    pub url: String,
+    /// First delay before reconnecting after the broker goes away; doubles up to 30 s.
+    #[serde(default = "default_reconnect_ms")]
+    pub reconnect_delay_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: default_broker_url(),
+            reconnect_delay_ms: default_reconnect_ms(),
+        }
+    }
+}
+
+/// `[ops]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address of the HTTP endpoint serving `/metrics`, `/healthz`, `/healthz/ready`.
+    /// Empty string disables it.
+    #[serde(default = "default_ops_listen")]
+    pub listen: String,
+    /// How long shutdown waits for in-flight messages before closing anyway.
+    #[serde(default = "default_drain_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_ops_listen(),
+            shutdown_grace_ms: default_drain_ms(),
+        }
+    }
+}
+
+impl OpsConfig {
+    /// The parsed listen address, `None` when disabled.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        let addr = self.listen.parse().with_context(|| {
+            format!(
+                "ops.listen {:?} is not an address like 0.0.0.0:9090",
+                self.listen
+            )
+        })?;
+        Ok(Some(addr))
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[[pipeline]]`: one queue, one plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name; used in logs, metrics and the `x-warren-pipeline` header.
+    pub name: String,
+    /// Queue to consume from; declared durable.
+    pub queue: String,
+    /// `quorum` (default) or `classic`.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Exchanges to bind the queue to.
+    #[serde(default, rename = "binding")]
+    pub bindings: Vec<BindingConfig>,
+    /// Path of the plugin component (`.wasm`); relative to the config file.
+    pub plugin: PathBuf,
+    /// AMQP prefetch (unacked deliveries the broker hands out at once).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// How many messages are handled in parallel.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Quorum queues only: deliveries (including requeues after a crash) before
+    /// the broker itself dead-letters a message to `<queue>.dlq`. 0 disables.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    /// Exchanges the plugin publishes to; declared durable at start so a publish
+    /// never hits a missing exchange.
+    #[serde(default, rename = "output")]
+    pub outputs: Vec<OutputConfig>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Resource limits for one invocation.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Free-form settings the plugin reads with `host.config(key)`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl PipelineConfig {
+    /// Name of the dead-letter queue.
+    pub fn dlq_name(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+}
+
+/// Queue type of the pipeline's queues.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated, durable; the RabbitMQ default for new work.
+    #[default]
+    Quorum,
+    /// Durable classic queue.
+    Classic,
+}
+
+/// `[[pipeline.binding]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// Exchange name; declared durable with the given type.
+    pub exchange: String,
+    /// `direct` (default), `fanout` or `topic`.
+    #[serde(default, rename = "type")]
+    pub kind: ExchangeKind,
+    /// Routing keys (binding keys for topic). Empty means `[""]`.
+    #[serde(default)]
+    pub routing_keys: Vec<String>,
+}
+
+/// `[[pipeline.output]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Exchange name (`amq.*` exchanges exist already and are not declared).
+    pub exchange: String,
+    /// `direct` (default), `fanout` or `topic`.
+    #[serde(default, rename = "type")]
+    pub kind: ExchangeKind,
+}
+
+/// Exchange type.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeKind {
+    /// Exact routing-key match.
+    #[default]
+    Direct,
+    /// Every bound queue.
+    Fanout,
+    /// Pattern match with `*` and `#`.
+    Topic,
+}
+
+/// `[pipeline.retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in total (first delivery included) before dead-lettering.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    #[serde(default = "default_initial_delay_ms")]
+    pub initial_delay_ms: u64,
+    /// Longest delay; the doubling stops here.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// Fraction (0..=0.5) by which a delay may be shortened at random, so that
+    /// messages failing together do not come back together.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_delay_ms: default_initial_delay_ms(),
+            max_delay_ms: default_max_delay_ms(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+/// `[pipeline.limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Wall-clock budget of one `handle` call.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Maximum linear memory of the plugin instance, in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: default_timeout_ms(),
+            memory_mib: default_memory_mib(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Timeout as a `Duration`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+    /// Memory limit in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        usize::try_from(self.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+}
+
+fn default_broker_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
+}
+fn default_reconnect_ms() -> u64 {
+    500
+}
+fn default_ops_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_drain_ms() -> u64 {
+    10_000
+}
+fn default_prefetch() -> u16 {
+    32
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_delivery_limit() -> u32 {
+    20
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_delay_ms() -> u64 {
+    1_000
+}
+fn default_max_delay_ms() -> u64 {
+    60_000
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_memory_mib() -> u64 {
+    64
+}
+
+impl Config {
+    /// Read, parse, apply env overrides, resolve paths and validate.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = Self::parse(&text, base)
+            .with_context(|| format!("in config file {}", path.display()))?;
+        if let Ok(url) = std::env::var(BROKER_URL_ENV)
+            && !url.is_empty()
+        {
+            config.broker.url = url;
+        }
+        Ok(config)
+    }
+
+    /// Parse TOML text; relative plugin paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        let mut config: Config = toml::from_str(text).context("invalid TOML configuration")?;
+        for p in &mut config.pipelines {
+            if p.plugin.is_relative() {
+                p.plugin = base.join(&p.plugin);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks serde cannot express.
+    pub fn validate(&self) -> Result<()> {
+        if self.pipelines.is_empty() {
+            bail!("no [[pipeline]] configured: warren needs at least one");
+        }
+        self.ops.listen_addr()?;
+        let mut names = HashSet::new();
+        let mut queues = HashSet::new();
+        for p in &self.pipelines {
+            let what = format!("pipeline {:?}", p.name);
+            if p.name.trim().is_empty() {
+                bail!("a pipeline has an empty name");
+            }
+            if !names.insert(&p.name) {
+                bail!("{what}: the name is used twice");
+            }
+            if p.queue.trim().is_empty() {
+                bail!("{what}: queue must not be empty");
+            }
+            if p.queue.starts_with("amq.") {
+                bail!("{what}: queue {:?} uses the reserved amq. prefix", p.queue);
+            }
+            if !queues.insert(&p.queue) {
+                bail!("{what}: queue {:?} is consumed by two pipelines", p.queue);
+            }
+            if p.concurrency == 0 {
+                bail!("{what}: concurrency must be at least 1");
+            }
+            if p.prefetch == 0 {
+                bail!("{what}: prefetch must be at least 1 (0 would mean unlimited)");
+            }
+            let r = &p.retry;
+            if r.max_attempts == 0 {
+                bail!("{what}: retry.max_attempts must be at least 1");
+            }
+            if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
+                bail!("{what}: retry delays need 0 < initial_delay_ms <= max_delay_ms");
+            }
+            if !(0.0..=0.5).contains(&r.jitter) {
+                bail!("{what}: retry.jitter must be between 0 and 0.5");
+            }
+            if p.limits.timeout_ms == 0 {
+                bail!("{what}: limits.timeout_ms must be at least 1");
+            }
+            if p.limits.memory_mib == 0 || p.limits.memory_mib > 4096 {
+                bail!("{what}: limits.memory_mib must be 1..=4096");
+            }
+            for b in &p.bindings {
+                if b.exchange.is_empty() {
+                    bail!(
+                        "{what}: a binding needs an exchange name (the default exchange needs no binding)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,442 @@
+//! The one place that decides what happens to a delivery: the plugin's outcome
+//! (or failure) becomes a list of publications to confirm, and then an ack.
+//!
+//! Rules (the README's "Delivery semantics" section documents them for users):
+//! * `ack` -> nothing to publish. `publish` -> the outputs.
+//! * `reply` -> the reply to `reply_to` with the request's `correlation_id`, plus
+//!   its outputs. Without `reply_to` the message is dead-lettered: the plugin
+//!   answered a message nobody waits for, which is a bug someone must see.
+//! * `retry` and plugin failures (trap, timeout, memory) -> a copy to a retry tier
+//!   with the next attempt number; once `max_attempts` is reached, dead-letter.
+//! * `dead-letter` -> a copy to `<queue>.dlq` with the reason and bookkeeping
+//!   headers; an RPC request also gets an error reply so its caller does not hang.
+//! * Invalid plugin output (a name AMQP cannot carry) -> dead-letter, with why.
+//!
+//! The caller acks the original only after every publication is confirmed.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lapin::BasicProperties;
+use lapin::types::{FieldTable, ShortString};
+
+use crate::envelope::{Envelope, header, headers_of, set_text};
+use crate::retry::{RetryTiers, tier_queue};
+use crate::runtime::{Outcome, Outgoing, PluginFailure};
+
+/// Persistent delivery mode: outputs and copies survive a broker restart.
+const PERSISTENT: u8 = 2;
+
+/// What kind of end a delivery came to; a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    Ack,
+    Publish,
+    Reply,
+    Retry,
+    DeadLetter,
+}
+
+impl Disposition {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Publish => "publish",
+            Self::Reply => "reply",
+            Self::Retry => "retry",
+            Self::DeadLetter => "dead_letter",
+        }
+    }
+
+    /// All values, for metric pre-registration.
+    pub const ALL: [Disposition; 5] = [
+        Self::Ack,
+        Self::Publish,
+        Self::Reply,
+        Self::Retry,
+        Self::DeadLetter,
+    ];
+}
+
+/// Why a publication exists; decides how an unroutable result is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A plugin output. Unroutable is allowed (pub/sub with no subscriber).
+    Output,
+    /// An RPC reply or error reply. The caller may have gone; not retried.
+    Reply,
+    /// A retry or dead-letter copy. Must reach its queue or the original is requeued.
+    Copy,
+}
+
+/// One message to publish and have confirmed.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+    pub role: Role,
+}
+
+/// The decision for one delivery.
+#[derive(Debug)]
+pub struct Plan {
+    pub disposition: Disposition,
+    pub publications: Vec<Publication>,
+    /// Reason for retry / dead-letter, for logs.
+    pub reason: Option<String>,
+}
+
+/// Pipeline facts the decision needs.
+#[derive(Debug, Clone)]
+pub struct PipelineInfo {
+    pub name: Arc<str>,
+    pub queue: String,
+    pub dlq: String,
+    pub tiers: RetryTiers,
+}
+
+/// Plugin identity stamped on what it produces.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginStamp<'a> {
+    pub name: &'a str,
+    pub version: &'a str,
+    pub digest: &'a str,
+}
+
+/// Inputs that vary per call but are not part of the delivery.
+#[derive(Debug, Clone, Copy)]
+pub struct Circumstances {
+    pub now: SystemTime,
+    /// Uniform random in [0, 1) for jitter.
+    pub unit_random: f64,
+}
+
+/// Decide what to do with `env` (whose body is `body`) given the plugin's result.
+pub fn decide(
+    info: &PipelineInfo,
+    plugin: PluginStamp<'_>,
+    env: &Envelope,
+    body: Vec<u8>,
+    result: Result<Outcome, PluginFailure>,
+    at: Circumstances,
+) -> Plan {
+    let outcome = match result {
+        Ok(o) => o,
+        Err(failure) => {
+            return retry_or_dead_letter(info, plugin, env, body, failure.to_string(), None, at);
+        }
+    };
+    let built = match outcome {
+        Outcome::Ack => Ok(Plan {
+            disposition: Disposition::Ack,
+            publications: vec![],
+            reason: None,
+        }),
+        Outcome::Publish(outs) => outputs(info, plugin, env, outs).map(|publications| Plan {
+            disposition: Disposition::Publish,
+            publications,
+            reason: None,
+        }),
+        Outcome::Reply(reply) => {
+            let Some(reply_to) = env.reply_to() else {
+                return dead_letter(
+                    info,
+                    plugin,
+                    env,
+                    body,
+                    "reply outcome but the message has no reply-to".into(),
+                    at,
+                );
+            };
+            let mut headers = FieldTable::default();
+            stamp(&mut headers, info, plugin, env);
+            let built = text_headers(&mut headers, reply.headers).and_then(|()| {
+                let mut props = BasicProperties::default()
+                    .with_headers(headers)
+                    .with_delivery_mode(PERSISTENT);
+                if let Some(c) = env.properties.correlation_id() {
+                    props = props.with_correlation_id(c.clone());
+                }
+                if let Some(ct) = reply.content_type {
+                    props = props.with_content_type(short(ct, "reply content type")?);
+                }
+                let mut pubs = vec![Publication {
+                    exchange: "".into(),
+                    routing_key: short(reply_to.into(), "reply-to")?,
+                    body: reply.body,
+                    properties: props,
+                    role: Role::Reply,
+                }];
+                pubs.extend(outputs(info, plugin, env, reply.publish)?);
+                Ok(pubs)
+            });
+            built.map(|publications| Plan {
+                disposition: Disposition::Reply,
+                publications,
+                reason: None,
+            })
+        }
+        Outcome::Retry(req) => {
+            let delay = req.delay_ms.map(u64::from);
+            return retry_or_dead_letter(info, plugin, env, body, req.reason, delay, at);
+        }
+        Outcome::DeadLetter(reason) => return dead_letter(info, plugin, env, body, reason, at),
+    };
+    built.unwrap_or_else(|why| {
+        dead_letter(
+            info,
+            plugin,
+            env,
+            body,
+            format!("invalid plugin outcome: {why}"),
+            at,
+        )
+    })
+}
+
+fn retry_or_dead_letter(
+    info: &PipelineInfo,
+    plugin: PluginStamp<'_>,
+    env: &Envelope,
+    body: Vec<u8>,
+    reason: String,
+    requested_ms: Option<u64>,
+    at: Circumstances,
+) -> Plan {
+    let max = info.tiers.max_attempts();
+    if env.attempt >= max {
+        let reason = format!(
+            "gave up after {} attempt{}: {reason}",
+            env.attempt,
+            if env.attempt == 1 { "" } else { "s" }
+        );
+        return dead_letter(info, plugin, env, body, reason, at);
+    }
+    let tier = match requested_ms {
+        Some(ms) => info.tiers.for_request(ms),
+        None => info.tiers.for_attempt(env.attempt),
+    };
+    let now = rfc3339(at.now);
+    let mut headers = headers_of(&env.properties);
+    set_text(
+        &mut headers,
+        header::ATTEMPT.into(),
+        &(env.attempt + 1).to_string(),
+    );
+    set_text(&mut headers, header::RETRY_REASON.into(), &clip(&reason));
+    keep_first(&mut headers, header::FIRST_FAILURE, &now);
+    set_text(&mut headers, header::LAST_FAILURE.into(), &now);
+    keep_first(&mut headers, header::ORIGINAL_EXCHANGE, &env.exchange);
+    keep_first(&mut headers, header::ORIGINAL_ROUTING_KEY, &env.routing_key);
+    let expiration = info.tiers.jittered(tier, at.unit_random);
+    let properties = copy_properties(&env.properties)
+        .with_headers(headers)
+        .with_expiration(expiration.to_string().into());
+    Plan {
+        disposition: Disposition::Retry,
+        publications: vec![Publication {
+            exchange: "".into(),
+            routing_key: tier_queue(&info.queue, tier).into(),
+            body,
+            properties,
+            role: Role::Copy,
+        }],
+        reason: Some(reason),
+    }
+}
+
+fn dead_letter(
+    info: &PipelineInfo,
+    plugin: PluginStamp<'_>,
+    env: &Envelope,
+    body: Vec<u8>,
+    reason: String,
+    at: Circumstances,
+) -> Plan {
+    let now = rfc3339(at.now);
+    let reason = clip(&reason);
+    let mut headers = headers_of(&env.properties);
+    set_text(&mut headers, header::REASON.into(), &reason);
+    set_text(
+        &mut headers,
+        header::ATTEMPTS.into(),
+        &env.attempt.to_string(),
+    );
+    set_text(&mut headers, header::PIPELINE.into(), &info.name);
+    set_text(&mut headers, header::PLUGIN.into(), plugin.name);
+    set_text(&mut headers, header::PLUGIN_VERSION.into(), plugin.version);
+    set_text(&mut headers, header::PLUGIN_DIGEST.into(), plugin.digest);
+    keep_first(&mut headers, header::FIRST_FAILURE, &now);
+    set_text(&mut headers, header::LAST_FAILURE.into(), &now);
+    keep_first(&mut headers, header::ORIGINAL_EXCHANGE, &env.exchange);
+    keep_first(&mut headers, header::ORIGINAL_ROUTING_KEY, &env.routing_key);
+    let properties = copy_properties(&env.properties).with_headers(headers);
+    let mut publications = vec![Publication {
+        exchange: "".into(),
+        routing_key: info.dlq.clone().into(),
+        body,
+        properties,
+        role: Role::Copy,
+    }];
+    if let Some(reply_to) = env.reply_to()
+        && let Ok(rk) = ShortString::try_new(reply_to)
+    {
+        let mut h = FieldTable::default();
+        stamp(&mut h, info, plugin, env);
+        set_text(&mut h, header::ERROR.into(), &reason);
+        let mut props = BasicProperties::default()
+            .with_headers(h)
+            .with_content_type("text/plain".into());
+        if let Some(c) = env.properties.correlation_id() {
+            props = props.with_correlation_id(c.clone());
+        }
+        publications.push(Publication {
+            exchange: "".into(),
+            routing_key: rk,
+            body: format!("error: {reason}").into_bytes(),
+            properties: props,
+            role: Role::Reply,
+        });
+    }
+    Plan {
+        disposition: Disposition::DeadLetter,
+        publications,
+        reason: Some(reason),
+    }
+}
+
+fn outputs(
+    info: &PipelineInfo,
+    plugin: PluginStamp<'_>,
+    env: &Envelope,
+    outs: Vec<Outgoing>,
+) -> Result<Vec<Publication>, String> {
+    outs.into_iter()
+        .map(|o| {
+            let mut headers = FieldTable::default();
+            stamp(&mut headers, info, plugin, env);
+            text_headers(&mut headers, o.headers)?;
+            let mut properties = BasicProperties::default()
+                .with_headers(headers)
+                .with_delivery_mode(PERSISTENT);
+            if let Some(ct) = o.content_type {
+                properties = properties.with_content_type(short(ct, "content type")?);
+            }
+            Ok(Publication {
+                exchange: short(o.exchange, "exchange")?,
+                routing_key: short(o.routing_key, "routing key")?,
+                body: o.body,
+                properties,
+                role: Role::Output,
+            })
+        })
+        .collect()
+}
+
+/// Properties for a retry or dead-letter copy: everything the original carried
+/// except `expiration` (a publisher's TTL must not make a parked copy vanish) and
+/// `user_id` (the broker rejects a `user_id` that is not warren's own login).
+fn copy_properties(p: &BasicProperties) -> BasicProperties {
+    let mut c = BasicProperties::default().with_delivery_mode(PERSISTENT);
+    if let Some(v) = p.content_type() {
+        c = c.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        c = c.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        c = c.with_headers(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        c = c.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        c = c.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        c = c.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        c = c.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        c = c.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        c = c.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        c = c.with_app_id(v.clone());
+    }
+    c
+}
+
+/// Provenance headers on everything a plugin produces; `traceparent` is carried over.
+fn stamp(headers: &mut FieldTable, info: &PipelineInfo, plugin: PluginStamp<'_>, env: &Envelope) {
+    set_text(headers, header::PIPELINE.into(), &info.name);
+    set_text(headers, header::PLUGIN.into(), plugin.name);
+    set_text(headers, header::PLUGIN_VERSION.into(), plugin.version);
+    if let Some(tp) = env.header(header::TRACEPARENT) {
+        set_text(headers, header::TRACEPARENT.into(), &tp);
+    }
+}
+
+/// Plugin-provided headers; they may override the stamp (e.g. a new traceparent).
+fn text_headers(table: &mut FieldTable, headers: Vec<(String, String)>) -> Result<(), String> {
+    for (k, v) in headers {
+        let name = short(k, "header name")?;
+        set_text(table, name, &v);
+    }
+    Ok(())
+}
+
+fn short(s: String, what: &str) -> Result<ShortString, String> {
+    let len = s.len();
+    ShortString::try_new(s).map_err(|_| format!("{what} is {len} bytes; AMQP allows at most 255"))
+}
+
+fn keep_first(headers: &mut FieldTable, name: &'static str, value: &str) {
+    if !headers.contains_key(name) {
+        set_text(headers, name.into(), value);
+    }
+}
+
+/// Reasons end up in headers; keep them to a sane size.
+fn clip(s: &str) -> String {
+    const MAX: usize = 2000;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut cut = MAX;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &s[..cut])
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, without pulling in a date crate.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}

@@ -1,0 +1,170 @@
+//! warren runs WebAssembly components ("plugins") as RabbitMQ message handlers.
+//!
+//! Each `[[pipeline]]` in the configuration binds one queue to one plugin. For
+//! every delivery warren instantiates the plugin afresh, calls
+//! `warren:plugin/handler.handle`, and turns the typed outcome into broker
+//! actions with at-least-once guarantees (see [`disposition`]).
+//!
+//! [`run`] is the whole program as a function: tests and embedders call it with
+//! their own configuration and shutdown signal; the CLI is a thin wrapper.
+
+pub mod broker;
+pub mod config;
+pub mod disposition;
+pub mod envelope;
+pub mod ops;
+pub mod pipeline;
+pub mod plugins;
+pub mod retry;
+pub mod runtime;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::ops::Metrics;
+use crate::pipeline::Pipeline;
+use crate::plugins::{LoadedPlugin, PluginSlot};
+use crate::runtime::{Runtime, RuntimeOptions};
+
+/// A started warren: pipelines consuming, ops endpoint serving.
+#[derive(Debug)]
+pub struct Running {
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    ops_addr: Option<std::net::SocketAddr>,
+}
+
+impl Running {
+    /// Live metrics (also served on `/metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Where the ops endpoint listens, if enabled.
+    pub fn ops_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ops_addr
+    }
+
+    /// Wait until every pipeline is consuming, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.metrics.ready() {
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "not ready after {timeout:?}: {}",
+                    self.metrics.readiness_json()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stop consuming, let in-flight messages settle (up to the grace period),
+    /// close broker connections.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Size the engine for the configured pipelines.
+pub fn runtime_options(config: &Config) -> RuntimeOptions {
+    let concurrency: usize = config.pipelines.iter().map(|p| p.concurrency).sum();
+    RuntimeOptions {
+        // Slack for `check` and instances kept alive briefly around a reload.
+        max_instances: u32::try_from(concurrency + 4).unwrap_or(u32::MAX),
+        max_memory_bytes: config
+            .pipelines
+            .iter()
+            .map(|p| p.limits.memory_bytes())
+            .max()
+            .unwrap_or(64 << 20),
+    }
+}
+
+/// Compile every pipeline's plugin. Used by `run` and by `warren check`.
+pub fn load_plugins(runtime: &Runtime, config: &Config) -> Result<Vec<LoadedPlugin>> {
+    config
+        .pipelines
+        .iter()
+        .map(|p| {
+            LoadedPlugin::load(runtime, &p.plugin).with_context(|| format!("pipeline {:?}", p.name))
+        })
+        .collect()
+}
+
+/// Load plugins, start pipelines and the ops endpoint. Fails fast on anything
+/// that a restart would not fix (bad plugin, port in use); broker trouble is
+/// retried in the background and shows in readiness instead.
+pub async fn start(config: Config) -> Result<Running> {
+    let runtime = Runtime::new(&runtime_options(&config))?;
+    let loaded = tokio::task::spawn_blocking({
+        let (runtime, config) = (runtime.clone(), config.clone());
+        move || load_plugins(&runtime, &config)
+    })
+    .await
+    .context("plugin loading thread failed")??;
+
+    let metrics = Arc::new(Metrics::new(
+        config.pipelines.iter().map(|p| p.name.as_str()),
+    ));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut ops_addr = None;
+    if let Some(addr) = config.ops.listen_addr()? {
+        let handle = ops::serve(addr, metrics.clone(), stop_rx.clone()).await?;
+        ops_addr = Some(addr);
+        tasks.push(handle);
+    }
+    let grace = Duration::from_millis(config.ops.shutdown_grace_ms);
+    let first_delay = Duration::from_millis(config.broker.reconnect_delay_ms.max(1));
+    for (p, plugin) in config.pipelines.iter().zip(loaded) {
+        tracing::info!(
+            pipeline = %p.name,
+            plugin = %plugin.path().display(),
+            version = plugin.version(),
+            compile_ms = plugin.compile_time().as_millis() as u64,
+            "plugin loaded"
+        );
+        let pm = metrics
+            .pipeline(&p.name)
+            .context("metrics missing for a configured pipeline")?;
+        let pipeline = Arc::new(Pipeline::new(
+            p.clone(),
+            Arc::new(PluginSlot::new(plugin)),
+            pm,
+        ));
+        tasks.push(tokio::spawn(pipeline.supervise(
+            config.broker.url.clone(),
+            first_delay,
+            grace,
+            stop_rx.clone(),
+        )));
+    }
+    Ok(Running {
+        metrics,
+        stop,
+        tasks,
+        ops_addr,
+    })
+}
+
+/// Run until `shutdown` resolves, then drain and stop.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let running = start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: no new messages; settling in-flight ones");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

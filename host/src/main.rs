@@ -1,0 +1,321 @@
+//! The `warren` command line: `run`, `check` and `invoke`. Only argument parsing
+//! and output formatting live here; the work is in the library.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use warren::config::{Config, LogFormat};
+use warren::plugins::LoadedPlugin;
+use warren::runtime::{InvokeLimits, Message, Outcome, Outgoing, Runtime, RuntimeOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "warren",
+    version,
+    about = "Run WebAssembly plugins as RabbitMQ message handlers"
+)]
+struct Cli {
+    /// Log format (overrides `log.format` in the config).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<Format>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume the configured queues until SIGINT/SIGTERM.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = "warren.toml")]
+        config: PathBuf,
+    },
+    /// Validate the configuration and compile every plugin; no broker needed.
+    Check {
+        /// Configuration file.
+        #[arg(long, short, default_value = "warren.toml")]
+        config: PathBuf,
+    },
+    /// Run a plugin once on a message, without a broker, and print the outcome as JSON.
+    Invoke(Box<InvokeArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct InvokeArgs {
+    /// The plugin component (.wasm).
+    plugin: PathBuf,
+    /// Message body as text.
+    #[arg(long, conflicts_with = "body_file")]
+    body: Option<String>,
+    /// Read the message body from a file.
+    #[arg(long)]
+    body_file: Option<PathBuf>,
+    /// A header, `key=value`; repeatable.
+    #[arg(long = "header", value_parser = key_value)]
+    headers: Vec<(String, String)>,
+    /// A plugin config entry, `key=value`; repeatable.
+    #[arg(long = "config", value_parser = key_value)]
+    config: Vec<(String, String)>,
+    #[arg(long)]
+    content_type: Option<String>,
+    #[arg(long)]
+    reply_to: Option<String>,
+    #[arg(long)]
+    correlation_id: Option<String>,
+    #[arg(long)]
+    message_id: Option<String>,
+    #[arg(long, default_value = "")]
+    exchange: String,
+    #[arg(long, default_value = "")]
+    routing_key: String,
+    #[arg(long, default_value = "invoke")]
+    queue: String,
+    #[arg(long, default_value_t = 1)]
+    attempt: u32,
+    /// Timeout of the call in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Memory limit in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u64,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            init_logging(cli.log_format, config.log.format);
+            tracing::info!(broker = %warren::broker::redact(&config.broker.url), pipelines = config.pipelines.len(), "starting warren");
+            rt.block_on(warren::run(config, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config: path } => {
+            init_logging(cli.log_format, LogFormat::Text);
+            let config = Config::load(&path)?;
+            let runtime = Runtime::new(&warren::runtime_options(&config))?;
+            let loaded = warren::load_plugins(&runtime, &config)?;
+            for (p, plugin) in config.pipelines.iter().zip(&loaded) {
+                println!(
+                    "ok  pipeline {:<16} queue {:<20} plugin {} (version {}, compiled in {} ms)",
+                    p.name,
+                    p.queue,
+                    plugin.path().display(),
+                    plugin.version(),
+                    plugin.compile_time().as_millis()
+                );
+            }
+            println!(
+                "{}: configuration valid, {} pipeline(s)",
+                path.display(),
+                loaded.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Invoke(args) => {
+            let InvokeArgs {
+                plugin,
+                body,
+                body_file,
+                headers,
+                config,
+                content_type,
+                reply_to,
+                correlation_id,
+                message_id,
+                exchange,
+                routing_key,
+                queue,
+                attempt,
+                timeout_ms,
+                memory_mib,
+            } = *args;
+            init_logging(cli.log_format, LogFormat::Text);
+            let body = match (body, body_file) {
+                (Some(b), _) => b.into_bytes(),
+                (None, Some(f)) => std::fs::read(&f)
+                    .with_context(|| format!("reading body file {}", f.display()))?,
+                (None, None) => Vec::new(),
+            };
+            let limits = InvokeLimits {
+                timeout: Duration::from_millis(timeout_ms),
+                memory_bytes: usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
+            };
+            let runtime = Runtime::new(&RuntimeOptions {
+                max_instances: 2,
+                max_memory_bytes: limits.memory_bytes,
+            })?;
+            let loaded = LoadedPlugin::load(&runtime, &plugin)?;
+            let msg = Message {
+                body,
+                content_type,
+                exchange,
+                routing_key,
+                queue,
+                headers,
+                message_id,
+                correlation_id,
+                reply_to,
+                attempt,
+            };
+            let config: BTreeMap<_, _> = config.into_iter().collect();
+            let inv = rt.block_on(async {
+                tokio::task::spawn_blocking(move || {
+                    loaded.invoke(&msg, Arc::new(config), "invoke".into(), limits)
+                })
+                .await
+            })?;
+            let (json, ok) = match inv.result {
+                Ok(outcome) => (outcome_json(outcome), true),
+                Err(f) => (
+                    serde_json::json!({ "failure": { "kind": f.kind(), "message": f.to_string() } }),
+                    false,
+                ),
+            };
+            let mut json = json;
+            json["elapsed_ms"] = serde_json::json!(inv.elapsed.as_secs_f64() * 1000.0);
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}
+
+fn body_json(body: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(body) {
+        Ok(s) => serde_json::json!({ "text": s }),
+        Err(_) => serde_json::json!({ "base64": base64(body), "bytes": body.len() }),
+    }
+}
+
+fn outgoing_json(o: Outgoing) -> serde_json::Value {
+    serde_json::json!({
+        "exchange": o.exchange,
+        "routing_key": o.routing_key,
+        "content_type": o.content_type,
+        "headers": o.headers,
+        "body": body_json(&o.body),
+    })
+}
+
+fn outcome_json(o: Outcome) -> serde_json::Value {
+    match o {
+        Outcome::Ack => serde_json::json!({ "outcome": "ack" }),
+        Outcome::Publish(outs) => serde_json::json!({
+            "outcome": "publish",
+            "publish": outs.into_iter().map(outgoing_json).collect::<Vec<_>>(),
+        }),
+        Outcome::Reply(r) => serde_json::json!({
+            "outcome": "reply",
+            "reply": {
+                "content_type": r.content_type,
+                "headers": r.headers,
+                "body": body_json(&r.body),
+            },
+            "publish": r.publish.into_iter().map(outgoing_json).collect::<Vec<_>>(),
+        }),
+        Outcome::Retry(r) => {
+            serde_json::json!({ "outcome": "retry", "reason": r.reason, "delay_ms": r.delay_ms })
+        }
+        Outcome::DeadLetter(reason) => {
+            serde_json::json!({ "outcome": "dead-letter", "reason": reason })
+        }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn init_logging(flag: Option<Format>, configured: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match flag {
+        Some(Format::Json) => true,
+        Some(Format::Text) => false,
+        None => configured == LogFormat::Json,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,258 @@
+//! Counters and gauges per pipeline, rendered as Prometheus text. Plain atomics:
+//! the message path only ever does relaxed increments.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::disposition::Disposition;
+
+/// All pipelines' metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pipelines: Vec<Arc<PipelineMetrics>>,
+}
+
+/// One pipeline's metrics.
+#[derive(Debug, Default)]
+pub struct PipelineMetrics {
+    pub name: String,
+    outcomes: [AtomicU64; 5],
+    /// Deliveries nacked back to the queue because an effect was not confirmed.
+    pub requeued: AtomicU64,
+    failures: [AtomicU64; 4],
+    /// Plugin outputs and replies confirmed by the broker.
+    pub published: AtomicU64,
+    /// Plugin outputs the broker could not route anywhere.
+    pub unroutable: AtomicU64,
+    /// Deliveries received and not yet settled.
+    pub in_flight: AtomicI64,
+    handle_micros: AtomicU64,
+    handle_count: AtomicU64,
+    /// Whether the pipeline's consumer is attached to the broker.
+    pub connected: AtomicBool,
+    /// Broker (re)connections after a loss.
+    pub reconnects: AtomicU64,
+    /// Messages that could not be decoded or settled for reasons outside the plugin.
+    pub errors: AtomicU64,
+    plugin_version: RwLock<String>,
+}
+
+const FAILURE_KINDS: [&str; 4] = ["trap", "timeout", "memory", "instantiate"];
+
+impl PipelineMetrics {
+    /// Count a settled delivery.
+    pub fn outcome(&self, d: Disposition) {
+        let i = Disposition::ALL.iter().position(|x| *x == d).unwrap_or(0);
+        self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Settled deliveries with this disposition so far.
+    pub fn outcome_count(&self, d: Disposition) -> u64 {
+        let i = Disposition::ALL.iter().position(|x| *x == d).unwrap_or(0);
+        self.outcomes[i].load(Ordering::Relaxed)
+    }
+
+    /// Count a plugin failure by kind (`trap`, `timeout`, `memory`, `instantiate`).
+    pub fn failure(&self, kind: &str) {
+        if let Some(i) = FAILURE_KINDS.iter().position(|k| *k == kind) {
+            self.failures[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Plugin failures of this kind so far.
+    pub fn failure_count(&self, kind: &str) -> u64 {
+        FAILURE_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.failures[i].load(Ordering::Relaxed))
+    }
+
+    /// Record the duration of one plugin call.
+    pub fn observe_handle(&self, d: Duration) {
+        self.handle_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.handle_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Set the active plugin version label.
+    pub fn set_plugin_version(&self, v: &str) {
+        if let Ok(mut g) = self.plugin_version.write() {
+            v.clone_into(&mut g);
+        }
+    }
+
+    fn plugin_version(&self) -> String {
+        self.plugin_version
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Metrics {
+    /// Metrics for these pipeline names.
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            pipelines: names
+                .into_iter()
+                .map(|n| {
+                    Arc::new(PipelineMetrics {
+                        name: n.to_string(),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// One pipeline's metrics.
+    pub fn pipeline(&self, name: &str) -> Option<Arc<PipelineMetrics>> {
+        self.pipelines.iter().find(|p| p.name == name).cloned()
+    }
+
+    /// All pipelines.
+    pub fn pipelines(&self) -> &[Arc<PipelineMetrics>] {
+        &self.pipelines
+    }
+
+    /// True when every pipeline is attached to the broker.
+    pub fn ready(&self) -> bool {
+        self.pipelines
+            .iter()
+            .all(|p| p.connected.load(Ordering::Relaxed))
+    }
+
+    /// Readiness detail as JSON.
+    pub fn readiness_json(&self) -> serde_json::Value {
+        let pipelines: Vec<_> = self
+            .pipelines
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "connected": p.connected.load(Ordering::Relaxed),
+                    "plugin_version": p.plugin_version(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "ready": self.ready(), "pipelines": pipelines })
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let families: [(&str, &str, &str); 11] = [
+            (
+                "warren_messages_total",
+                "counter",
+                "Deliveries settled, by outcome.",
+            ),
+            (
+                "warren_requeued_total",
+                "counter",
+                "Deliveries requeued because an effect was not confirmed.",
+            ),
+            (
+                "warren_plugin_failures_total",
+                "counter",
+                "Plugin calls that failed, by kind.",
+            ),
+            (
+                "warren_published_total",
+                "counter",
+                "Plugin outputs and replies confirmed by the broker.",
+            ),
+            (
+                "warren_unroutable_total",
+                "counter",
+                "Plugin outputs the broker could not route.",
+            ),
+            (
+                "warren_errors_total",
+                "counter",
+                "Deliveries that hit a host-side error.",
+            ),
+            (
+                "warren_in_flight",
+                "gauge",
+                "Deliveries received and not yet settled.",
+            ),
+            (
+                "warren_handle_seconds",
+                "summary",
+                "Time spent in plugin calls.",
+            ),
+            (
+                "warren_broker_connected",
+                "gauge",
+                "1 when the pipeline's consumer is attached.",
+            ),
+            (
+                "warren_reconnects_total",
+                "counter",
+                "Broker reconnections.",
+            ),
+            ("warren_plugin_info", "gauge", "Active plugin version."),
+        ];
+        for (name, kind, help) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for p in &self.pipelines {
+                let l = format!("pipeline=\"{}\"", escape(&p.name));
+                let r = Ordering::Relaxed;
+                match name {
+                    "warren_messages_total" => {
+                        for (i, d) in Disposition::ALL.iter().enumerate() {
+                            let _ = writeln!(
+                                out,
+                                "{name}{{{l},outcome=\"{}\"}} {}",
+                                d.label(),
+                                p.outcomes[i].load(r)
+                            );
+                        }
+                    }
+                    "warren_plugin_failures_total" => {
+                        for (i, k) in FAILURE_KINDS.iter().enumerate() {
+                            let _ = writeln!(
+                                out,
+                                "{name}{{{l},kind=\"{k}\"}} {}",
+                                p.failures[i].load(r)
+                            );
+                        }
+                    }
+                    "warren_handle_seconds" => {
+                        let secs = p.handle_micros.load(r) as f64 / 1e6;
+                        let _ = writeln!(out, "{name}_sum{{{l}}} {secs}");
+                        let _ = writeln!(out, "{name}_count{{{l}}} {}", p.handle_count.load(r));
+                    }
+                    "warren_plugin_info" => {
+                        let v = escape(&p.plugin_version());
+                        let _ = writeln!(out, "{name}{{{l},version=\"{v}\"}} 1");
+                    }
+                    _ => {
+                        let v = match name {
+                            "warren_requeued_total" => p.requeued.load(r),
+                            "warren_published_total" => p.published.load(r),
+                            "warren_unroutable_total" => p.unroutable.load(r),
+                            "warren_errors_total" => p.errors.load(r),
+                            "warren_in_flight" => u64::try_from(p.in_flight.load(r)).unwrap_or(0),
+                            "warren_broker_connected" => u64::from(p.connected.load(r)),
+                            _ => p.reconnects.load(r),
+                        };
+                        let _ = writeln!(out, "{name}{{{l}}} {v}");
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

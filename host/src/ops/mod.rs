@@ -1,0 +1,8 @@
+//! Operations: metrics kept by every pipeline and the HTTP endpoint that
+//! exposes them with liveness and readiness.
+
+mod http;
+mod metrics;
+
+pub use http::serve;
+pub use metrics::{Metrics, PipelineMetrics};

@@ -1,0 +1,131 @@
+//! Running a plugin on one message: a fresh store and instance per call, the
+//! timeout and memory cap enforced, and every way it can fail classified.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, Trap};
+
+use super::bindings::{Message, Outcome, PluginPre};
+use super::engine::EPOCH_TICK;
+use super::state::{HostState, LogContext};
+
+/// Per-call resource limits.
+#[derive(Debug, Clone, Copy)]
+pub struct InvokeLimits {
+    /// Wall-clock budget for instantiation plus `handle`.
+    pub timeout: Duration,
+    /// Cap on the instance's linear memory.
+    pub memory_bytes: usize,
+}
+
+/// Why a call produced no outcome. Each is a failed attempt of that message only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginFailure {
+    /// The plugin trapped (a panic, `unreachable`, an uncaught exception, ...).
+    Trap(String),
+    /// The plugin ran past its deadline and was interrupted.
+    Timeout(Duration),
+    /// The plugin tried to grow its memory past the limit.
+    OutOfMemory(usize),
+    /// The instance could not be created (e.g. its initial memory exceeds the limit).
+    Instantiate(String),
+}
+
+impl PluginFailure {
+    /// Short label used in metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Trap(_) => "trap",
+            Self::Timeout(_) => "timeout",
+            Self::OutOfMemory(_) => "memory",
+            Self::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+impl fmt::Display for PluginFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Trap(m) => write!(f, "plugin trapped: {m}"),
+            Self::Timeout(d) => write!(f, "plugin timed out after {} ms", d.as_millis()),
+            Self::OutOfMemory(b) => {
+                write!(f, "plugin exceeded its memory limit of {} MiB", b >> 20)
+            }
+            Self::Instantiate(m) => write!(f, "plugin could not be instantiated: {m}"),
+        }
+    }
+}
+
+/// The result of one call.
+#[derive(Debug)]
+pub struct Invocation {
+    pub result: Result<Outcome, PluginFailure>,
+    pub elapsed: Duration,
+}
+
+/// Longest failure text kept; traps carry wasm backtraces that can be huge.
+const MAX_FAILURE_TEXT: usize = 1000;
+
+pub(crate) fn invoke(
+    pre: &PluginPre<HostState>,
+    msg: &Message,
+    config: Arc<BTreeMap<String, String>>,
+    log: LogContext,
+    limits: InvokeLimits,
+) -> Invocation {
+    let start = Instant::now();
+    let engine = pre.engine();
+    let mut store = Store::new(engine, HostState::new(config, log, limits.memory_bytes));
+    store.limiter(|s| &mut s.limiter);
+    let ticks = limits
+        .timeout
+        .as_micros()
+        .div_ceil(EPOCH_TICK.as_micros())
+        .max(1);
+    store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+    store.epoch_deadline_trap();
+
+    let result = match pre.instantiate(&mut store) {
+        Err(e) => Err(classify(&store, e, limits, true)),
+        Ok(plugin) => plugin
+            .warren_plugin_handler()
+            .call_handle(&mut store, msg)
+            .map_err(|e| classify(&store, e, limits, false)),
+    };
+    store.data().flush_output();
+    Invocation {
+        result,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn classify(
+    store: &Store<HostState>,
+    err: wasmtime::Error,
+    limits: InvokeLimits,
+    instantiating: bool,
+) -> PluginFailure {
+    if matches!(err.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return PluginFailure::Timeout(limits.timeout);
+    }
+    if store.data().limiter.hit {
+        return PluginFailure::OutOfMemory(limits.memory_bytes);
+    }
+    let mut text = format!("{err:#}").replace('\n', " | ");
+    if text.len() > MAX_FAILURE_TEXT {
+        let mut cut = MAX_FAILURE_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    if instantiating {
+        PluginFailure::Instantiate(text)
+    } else {
+        PluginFailure::Trap(text)
+    }
+}

@@ -1,0 +1,161 @@
+//! Per-invocation store state: WASI context (granting nothing), resource limits,
+//! captured stdout/stderr and the implementation of the `host` imports.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{Level, warren};
+
+/// Bytes of stdout (and, separately, stderr) kept per invocation. A plugin that
+/// prints more gets a write error, which a Rust `println!` turns into a trap.
+const OUTPUT_CAPACITY: usize = 256 * 1024;
+
+/// Identity of the running invocation, for log lines the plugin emits.
+#[derive(Debug, Clone)]
+pub(crate) struct LogContext {
+    pub pipeline: Arc<str>,
+    pub plugin_version: Arc<str>,
+}
+
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    config: Arc<BTreeMap<String, String>>,
+    log: LogContext,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl HostState {
+    pub(crate) fn new(
+        config: Arc<BTreeMap<String, String>>,
+        log: LogContext,
+        memory_bytes: usize,
+    ) -> Self {
+        let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        // No preopens, no env, no args, no network: the builder grants none of them
+        // unless asked. Clocks and random stay available.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(memory_bytes),
+            config,
+            log,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Forward what the plugin printed to the log, line by line.
+    pub(crate) fn flush_output(&self) {
+        for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let bytes = pipe.contents();
+            if bytes.is_empty() {
+                continue;
+            }
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                tracing::info!(
+                    target: "warren::plugin",
+                    pipeline = %self.log.pipeline,
+                    version = %self.log.plugin_version,
+                    stream,
+                    "{line}"
+                );
+            }
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl warren::plugin::types::Host for HostState {}
+
+impl warren::plugin::host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let (p, v) = (&*self.log.pipeline, &*self.log.plugin_version);
+        match level {
+            Level::Trace => {
+                tracing::trace!(target: "warren::plugin", pipeline = p, version = v, "{message}")
+            }
+            Level::Debug => {
+                tracing::debug!(target: "warren::plugin", pipeline = p, version = v, "{message}")
+            }
+            Level::Info => {
+                tracing::info!(target: "warren::plugin", pipeline = p, version = v, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "warren::plugin", pipeline = p, version = v, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "warren::plugin", pipeline = p, version = v, "{message}")
+            }
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+}
+
+/// Caps linear memory and remembers whether the cap was hit, so that the trap a
+/// guest raises after a failed allocation can be reported as "out of memory".
+pub(crate) struct MemoryLimiter {
+    max_bytes: usize,
+    pub(crate) hit: bool,
+}
+
+impl MemoryLimiter {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            hit: false,
+        }
+    }
+}
+
+/// Generous bound on table growth; tables hold function references, not data.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.max_bytes && maximum.is_none_or(|m| desired <= m);
+        if !allowed {
+            self.hit = true;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|m| desired <= m))
+    }
+}

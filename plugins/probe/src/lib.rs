@@ -1,0 +1,235 @@
+//! `probe`: test fixture that does whatever the message body says, so integration
+//! tests can drive every outcome (and every failure) from one plugin. No config
+//! keys of its own (`config <key>` reads any).
+//!
+//! The body is one command (UTF-8, surrounding whitespace ignored); `<exchange>`
+//! may be `-` for the default exchange `""`:
+//!
+//! | command | outcome |
+//! |---|---|
+//! | `ack` | ack |
+//! | `publish <exchange> <routing_key> <body...>` | one publish, header `x-probe: 1` |
+//! | `publish-many <exchange> <routing_key> <n>` | n publishes, bodies `0`..`n-1` |
+//! | `reply <text>` | reply |
+//! | `reply-publish <exchange> <routing_key> <text>` | reply plus one publish of `<text>` |
+//! | `retry <reason>` | retry with the pipeline's backoff |
+//! | `retry-after <ms> <reason>` | retry asking for a delay |
+//! | `dead-letter <reason>` | dead-letter |
+//! | `trap` | panic (a trap) |
+//! | `spin` | loop forever |
+//! | `hog` | allocate until memory runs out |
+//! | `log <level> <text>` | host log at trace/debug/info/warn/error, then ack |
+//! | `config <key>` | reply with the config value, or `<none>` |
+//! | `echo-meta` | reply with the message's fields as JSON |
+//! | `fail-until <n>` | retry `attempt <k>` while attempt k < n, then ack |
+//! | `print <text>` | print to stdout and stderr, then ack |
+//!
+//! Anything else is dead-lettered with `unknown probe command: ...`; bad arguments
+//! with `probe: ...`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use serde_json::json;
+use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, RpcReply, config, log};
+
+struct Probe;
+
+impl Handler for Probe {
+    fn handle(msg: Message) -> Outcome {
+        let Ok(body) = msg.body_str() else {
+            return Outcome::dead_letter("probe: command is not UTF-8");
+        };
+        match run(body.trim(), &msg) {
+            Ok(outcome) => outcome,
+            Err(reason) => Outcome::dead_letter(format!("probe: {reason}")),
+        }
+    }
+}
+
+warren_plugin_sdk::export!(Probe);
+
+fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
+    let (name, args) = command.split_once(' ').unwrap_or((command, ""));
+    Ok(match name {
+        "ack" => Outcome::ack(),
+        "publish" => {
+            let [exchange, key, body] = split3(args)?;
+            Outcome::publish([Outgoing::new(exchange, key, body).header("x-probe", "1")])
+        }
+        "publish-many" => {
+            let [exchange, key, n] = split3(args)?;
+            let n: u32 = number(n)?;
+            Outcome::publish(
+                (0..n)
+                    .map(|i| Outgoing::new(exchange, key, i.to_string()))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        "reply" => Outcome::reply(args),
+        "reply-publish" => {
+            let [exchange, key, text] = split3(args)?;
+            RpcReply::new(text)
+                .publish(Outgoing::new(exchange, key, text))
+                .into()
+        }
+        "retry" => Outcome::retry(args),
+        "retry-after" => {
+            let (ms, reason) = args.split_once(' ').unwrap_or((args, ""));
+            Outcome::retry_after(reason, Duration::from_millis(number(ms)?))
+        }
+        "dead-letter" => Outcome::dead_letter(args),
+        "trap" => panic!("probe: trap requested"),
+        "spin" => {
+            let mut n = 0u64;
+            loop {
+                n = black_box(n.wrapping_add(1));
+            }
+        }
+        "hog" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(black_box(vec![0xa5; 1 << 20]));
+            }
+        }
+        "log" => {
+            let (level, text) = args.split_once(' ').unwrap_or((args, ""));
+            let level = match level {
+                "trace" => log::Level::Trace,
+                "debug" => log::Level::Debug,
+                "info" => log::Level::Info,
+                "warn" => log::Level::Warn,
+                "error" => log::Level::Error,
+                _ => return Err(format!("unknown log level {level:?}")),
+            };
+            log::log(level, text);
+            Outcome::ack()
+        }
+        "config" => Outcome::reply(config(args).unwrap_or_else(|| "<none>".into())),
+        "echo-meta" => RpcReply::new(meta(msg).to_string())
+            .content_type("application/json")
+            .into(),
+        "fail-until" => {
+            let n: u32 = number(args)?;
+            if msg.attempt < n {
+                Outcome::retry(format!("attempt {}", msg.attempt))
+            } else {
+                Outcome::ack()
+            }
+        }
+        "print" => {
+            println!("{args}");
+            eprintln!("{args}");
+            Outcome::ack()
+        }
+        _ => Outcome::dead_letter(format!("unknown probe command: {command}")),
+    })
+}
+
+/// `<exchange> <routing_key> <rest...>`, with `-` standing for the default exchange.
+fn split3(args: &str) -> Result<[&str; 3], String> {
+    let mut parts = args.splitn(3, ' ');
+    let (Some(exchange), Some(key)) = (parts.next(), parts.next()) else {
+        return Err(format!(
+            "expected <exchange> <routing_key> ..., got {args:?}"
+        ));
+    };
+    let exchange = if exchange == "-" { "" } else { exchange };
+    Ok([exchange, key, parts.next().unwrap_or("")])
+}
+
+fn number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("expected a non-negative integer, got {text:?}"))
+}
+
+fn meta(msg: &Message) -> serde_json::Value {
+    let headers: serde_json::Map<_, _> = msg
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().into()))
+        .collect();
+    json!({
+        "queue": msg.queue,
+        "routing_key": msg.routing_key,
+        "exchange": msg.exchange,
+        "attempt": msg.attempt,
+        "headers": headers,
+        "content_type": msg.content_type,
+        "message_id": msg.message_id,
+        "correlation_id": msg.correlation_id,
+        "reply_to": msg.reply_to,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(attempt: u32) -> Message {
+        Message {
+            body: Vec::new(),
+            content_type: None,
+            exchange: "ex".into(),
+            routing_key: "rk".into(),
+            queue: "q".into(),
+            headers: vec![("h".into(), "v".into())],
+            message_id: None,
+            correlation_id: Some("c".into()),
+            reply_to: Some("r".into()),
+            attempt,
+        }
+    }
+
+    fn probe(command: &str, attempt: u32) -> Outcome {
+        let mut m = msg(attempt);
+        m.body = command.as_bytes().to_vec();
+        Probe::handle(m)
+    }
+
+    #[test]
+    fn outcomes() {
+        assert_eq!(probe(" ack\n", 1), Outcome::ack());
+        assert_eq!(
+            probe("publish - q hello world", 1),
+            Outcome::publish([Outgoing::new("", "q", "hello world").header("x-probe", "1")])
+        );
+        let Outcome::Publish(many) = probe("publish-many x k 3", 1) else {
+            panic!()
+        };
+        let bodies: Vec<_> = many.iter().map(|o| o.body.as_slice()).collect();
+        assert_eq!(bodies, [b"0", b"1", b"2"]);
+        assert_eq!(probe("reply hi there", 1), Outcome::reply("hi there"));
+        assert_eq!(
+            probe("retry-after 1500 slow down", 1),
+            Outcome::retry_after("slow down", Duration::from_millis(1500))
+        );
+        assert_eq!(probe("dead-letter bad", 1), Outcome::dead_letter("bad"));
+        assert_eq!(probe("fail-until 3", 2), Outcome::retry("attempt 2"));
+        assert_eq!(probe("fail-until 3", 3), Outcome::ack());
+        assert_eq!(
+            probe("frobnicate now", 1),
+            Outcome::dead_letter("unknown probe command: frobnicate now")
+        );
+        assert_eq!(
+            probe("retry-after soon x", 1),
+            Outcome::dead_letter(r#"probe: expected a non-negative integer, got "soon""#)
+        );
+        assert_eq!(
+            probe("publish x", 1),
+            Outcome::dead_letter(r#"probe: expected <exchange> <routing_key> ..., got "x""#)
+        );
+    }
+
+    #[test]
+    fn echo_meta() {
+        let Outcome::Reply(r) = probe("echo-meta", 4) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["attempt"], 4);
+        assert_eq!(v["headers"]["h"], "v");
+        assert_eq!(v["message_id"], serde_json::Value::Null);
+        assert_eq!(v["reply_to"], "r");
+    }
+}
