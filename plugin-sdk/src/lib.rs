@@ -104,7 +104,8 @@ impl<H: Handler> bindings::exports::warren::plugin::handler::Guest for H {
 /// Use it exactly once per plugin crate, at the top level:
 ///
 /// ```
-/// # use warren_plugin_sdk::{Handler, Message, Outcome};
+/// use warren_plugin_sdk::{Handler, Message, Outcome, export};
+///
 /// struct Noop;
 ///
 /// impl Handler for Noop {
@@ -113,7 +114,7 @@ impl<H: Handler> bindings::exports::warren::plugin::handler::Guest for H {
 ///     }
 /// }
 ///
-/// warren_plugin_sdk::export!(Noop);
+/// export!(Noop);
 /// ```
 #[macro_export]
 macro_rules! export {
@@ -127,13 +128,6 @@ macro_rules! export {
             );
         };
     };
-}
-
-fn headers_get<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 impl Message {
@@ -150,7 +144,10 @@ impl Message {
     /// The value of header `name` (exact, case-sensitive match, as AMQP header
     /// names are), or `None` if the message does not carry it.
     pub fn header(&self, name: &str) -> Option<&str> {
-        headers_get(&self.headers, name)
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The AMQP `content_type` property.

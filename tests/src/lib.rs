@@ -1,1 +1,331 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: where the test broker and the
+//! built plugins are, unique names, starting warren in-process, and a small
+//! AMQP client (publish with confirms, get, consume, RPC) built on lapin.
+//!
+//! The broker and plugins come from `scripts/test.sh`, which exports
+//! `WARREN_TEST_BROKER_URL` and `WARREN_PLUGIN_DIR`.
+
+// A failed expectation in a test should panic with its message: that is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use warren::config::Config;
+
+/// AMQP URL of the test broker.
+pub fn broker_url() -> String {
+    std::env::var("WARREN_TEST_BROKER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
+}
+
+/// Path of a built plugin, e.g. `plugin("fib")`.
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var("WARREN_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist"));
+    dir.join(format!("{name}.wasm"))
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "test.{prefix}.{}.{}.{nanos:x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Build a config from `[[pipeline]]` TOML; broker and ops are filled in.
+pub fn config(pipelines_toml: &str) -> Result<Config> {
+    let text = format!(
+        "[broker]\nurl = {:?}\nreconnect_delay_ms = 100\n[ops]\nlisten = \"\"\nshutdown_grace_ms = 5000\n{pipelines_toml}",
+        broker_url()
+    );
+    Config::parse(&text, std::path::Path::new("."))
+}
+
+/// TOML string literal for a path.
+pub fn toml_path(p: &std::path::Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Start warren with this config and wait until it consumes.
+pub async fn start(config: Config) -> Result<warren::Running> {
+    let running = warren::start(config).await?;
+    running.wait_ready(Duration::from_secs(20)).await?;
+    Ok(running)
+}
+
+/// A test-side AMQP client.
+pub struct Client {
+    pub conn: Connection,
+    pub channel: Channel,
+}
+
+impl Client {
+    /// Connect with a confirm-mode channel.
+    pub async fn connect() -> Result<Self> {
+        let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
+            .await
+            .context("connecting the test client")?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { conn, channel })
+    }
+
+    /// Publish and wait for the confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<()> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            bail!("publish to {exchange:?}/{routing_key:?} not confirmed");
+        }
+        Ok(())
+    }
+
+    /// Publish to a queue through the default exchange.
+    pub async fn send(&self, queue: &str, body: &[u8]) -> Result<()> {
+        self.publish(
+            "",
+            queue,
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+    }
+
+    /// Declare a durable classic queue for collecting outputs.
+    pub async fn declare_queue(&self, queue: &str) -> Result<()> {
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), opts, FieldTable::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Declare a queue and bind it to `exchange` with `key`.
+    pub async fn bound_queue(&self, queue: &str, exchange: &str, key: &str) -> Result<()> {
+        self.declare_queue(queue).await?;
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Messages ready in `queue` (exact: a passive declare).
+    pub async fn depth(&self, queue: &str) -> Result<u32> {
+        let ch = self.conn.create_channel().await?;
+        let opts = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = ch
+            .queue_declare(queue.into(), opts, FieldTable::default())
+            .await
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        let _ = ch.close(200, "ok".into()).await;
+        Ok(q.message_count())
+    }
+
+    /// Empty a queue.
+    pub async fn purge(&self, queue: &str) -> Result<()> {
+        self.channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Take exactly `n` messages from `queue`, waiting up to `timeout`.
+    pub async fn take(&self, queue: &str, n: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+                .await?
+            {
+                Some(m) => {
+                    m.delivery.acker.ack(BasicAckOptions::default()).await?;
+                    got.push(m.delivery);
+                }
+                None if Instant::now() >= deadline => {
+                    bail!(
+                        "got {} of {n} messages from {queue} within {timeout:?}",
+                        got.len()
+                    )
+                }
+                None => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+        Ok(got)
+    }
+
+    /// Take one message.
+    pub async fn take_one(&self, queue: &str, timeout: Duration) -> Result<Delivery> {
+        let mut v = self.take(queue, 1, timeout).await?;
+        v.pop().context("no message")
+    }
+
+    /// Assert that nothing arrives in `queue` for `wait`.
+    pub async fn expect_empty(&self, queue: &str, wait: Duration) -> Result<()> {
+        tokio::time::sleep(wait).await;
+        let d = self.depth(queue).await?;
+        if d != 0 {
+            bail!("{queue} holds {d} message(s), expected none");
+        }
+        Ok(())
+    }
+}
+
+/// An RPC caller using direct reply-to (`amq.rabbitmq.reply-to`), like the
+/// RabbitMQ tutorials' clients.
+pub struct RpcClient {
+    channel: Channel,
+    consumer: lapin::Consumer,
+    _conn: Connection,
+}
+
+impl RpcClient {
+    /// Open a connection and start consuming direct replies.
+    pub async fn connect() -> Result<Self> {
+        let conn = Connection::connect(&broker_url(), ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        let consumer = channel
+            .basic_consume(
+                "amq.rabbitmq.reply-to".into(),
+                unique("rpc").into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            channel,
+            consumer,
+            _conn: conn,
+        })
+    }
+
+    /// Send a request without waiting for the answer.
+    pub async fn request(&self, queue: &str, body: &[u8], correlation_id: &str) -> Result<()> {
+        let props = BasicProperties::default()
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id(correlation_id.into());
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Next reply, within `timeout`.
+    pub async fn next_reply(&mut self, timeout: Duration) -> Result<Delivery> {
+        match tokio::time::timeout(timeout, self.consumer.next()).await {
+            Ok(Some(d)) => Ok(d?),
+            Ok(None) => bail!("reply consumer ended"),
+            Err(_) => bail!("no reply within {timeout:?}"),
+        }
+    }
+
+    /// Request and wait for its reply.
+    pub async fn call(&mut self, queue: &str, body: &[u8], timeout: Duration) -> Result<Delivery> {
+        let id = unique("corr");
+        self.request(queue, body, &id).await?;
+        let reply = self.next_reply(timeout).await?;
+        let got = reply
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string());
+        if got.as_deref() != Some(id.as_str()) {
+            bail!("reply carries correlation id {got:?}, expected {id}");
+        }
+        Ok(reply)
+    }
+}
+
+/// A header of a received message, as text.
+pub fn header(d: &Delivery, name: &str) -> Option<String> {
+    d.properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)
+        .map(warren::envelope::value_text)
+}
+
+/// Body as UTF-8 text (lossy).
+pub fn text(d: &Delivery) -> String {
+    String::from_utf8_lossy(&d.data).into_owned()
+}
+
+/// A header table with one text entry.
+pub fn headers(pairs: &[(&str, &str)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), AMQPValue::LongString((*v).into()));
+    }
+    t
+}
+
+/// Poll `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

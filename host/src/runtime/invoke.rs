@@ -114,7 +114,12 @@ fn classify(
     if store.data().limiter.hit {
         return PluginFailure::OutOfMemory(limits.memory_bytes);
     }
-    let mut text = format!("{err:#}").replace('\n', " | ");
+    // The root cause is the trap itself; the context chain around it is a wasm
+    // backtrace of anonymous functions that helps nobody reading a DLQ header.
+    let mut text = err.root_cause().to_string();
+    if let Some(panic) = store.data().panic_message() {
+        text = format!("{text} ({panic})");
+    }
     if text.len() > MAX_FAILURE_TEXT {
         let mut cut = MAX_FAILURE_TEXT;
         while !text.is_char_boundary(cut) {

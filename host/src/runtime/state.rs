@@ -59,6 +59,16 @@ impl HostState {
         }
     }
 
+    /// The panic message a Rust guest printed to stderr before trapping, if any.
+    pub(crate) fn panic_message(&self) -> Option<String> {
+        let bytes = self.stderr.contents();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut lines = text.lines();
+        lines.position(|l| l.contains("panicked at"))?;
+        let detail = lines.next().unwrap_or("").trim();
+        Some(format!("panicked: {detail}"))
+    }
+
     /// Forward what the plugin printed to the log, line by line.
     pub(crate) fn flush_output(&self) {
         for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
@@ -66,14 +76,16 @@ impl HostState {
             if bytes.is_empty() {
                 continue;
             }
-            for line in String::from_utf8_lossy(&bytes).lines() {
-                tracing::info!(
-                    target: "warren::plugin",
-                    pipeline = %self.log.pipeline,
-                    version = %self.log.plugin_version,
-                    stream,
-                    "{line}"
-                );
+            let (p, v) = (&*self.log.pipeline, &*self.log.plugin_version);
+            for line in String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+            {
+                if stream == "stderr" {
+                    tracing::warn!(target: "warren::plugin", pipeline = p, version = v, stream, "{line}");
+                } else {
+                    tracing::info!(target: "warren::plugin", pipeline = p, version = v, stream, "{line}");
+                }
             }
         }
     }

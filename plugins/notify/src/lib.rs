@@ -6,9 +6,9 @@
 //! `template` are required.
 //!
 //! The text comes from config `template.<template>.<channel>` if set, else
-//! `template.<template>`. `{name}` placeholders are filled from `vars` (strings,
-//! numbers or booleans) and `{user}` from the event's `user`; `{{` and `}}` are
-//! literal braces. For each channel, a message goes to the `exchange` with routing
+//! `template.<template>`. `{name}` placeholders (`{{name}}` works too) are filled
+//! from `vars` (strings, numbers or booleans) and `{user}` from the event's `user`.
+//! For each channel, a message goes to the `exchange` with routing
 //! key `notify.<channel>`, content type `application/json`, header
 //! `x-notify-channel` and body `{"user": .., "channel": .., "text": ..}`.
 //!
@@ -132,8 +132,8 @@ fn dedup_in_order(items: &mut Vec<&str>) {
     });
 }
 
-/// Fills `{name}` placeholders in `template` (config `key`) from `vars`, `{user}`
-/// from `user`; `{{`/`}}` are literal braces.
+/// Fills `{name}` (or Mustache-style `{{name}}`) placeholders in `template`
+/// (config `key`) from `vars`, `{user}` from `user`.
 fn render(
     template: &str,
     key: &str,
@@ -142,36 +142,33 @@ fn render(
 ) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
-    while let Some(i) = rest.find(['{', '}']) {
+    while let Some(i) = rest.find('{') {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if let Some(after) = tail.strip_prefix("{{").or_else(|| tail.strip_prefix("}}")) {
-            out.push_str(&tail[..1]);
-            rest = after;
-        } else if let Some(after) = tail.strip_prefix('}') {
-            out.push('}');
-            rest = after;
+        let (open, close) = if tail.starts_with("{{") {
+            ("{{", "}}")
         } else {
-            let (name, after) = tail[1..]
-                .split_once('}')
-                .ok_or_else(|| format!("config {key}: unclosed '{{'"))?;
-            match (name, vars.get(name)) {
-                ("user", _) => out.push_str(user),
-                (_, Some(Value::String(s))) => out.push_str(s),
-                (_, Some(v @ (Value::Number(_) | Value::Bool(_)))) => out.push_str(&v.to_string()),
-                (_, Some(_)) => {
-                    return Err(format!(
-                        "field vars.{name}: must be a string, number or boolean"
-                    ));
-                }
-                (_, None) => {
-                    return Err(format!(
-                        "field vars: no value for placeholder {{{name}}} in {key}"
-                    ));
-                }
+            ("{", "}")
+        };
+        let (name, after) = tail[open.len()..]
+            .split_once(close)
+            .ok_or_else(|| format!("config {key}: unclosed '{open}'"))?;
+        match (name, vars.get(name)) {
+            ("user", _) => out.push_str(user),
+            (_, Some(Value::String(s))) => out.push_str(s),
+            (_, Some(v @ (Value::Number(_) | Value::Bool(_)))) => out.push_str(&v.to_string()),
+            (_, Some(_)) => {
+                return Err(format!(
+                    "field vars.{name}: must be a string, number or boolean"
+                ));
             }
-            rest = after;
+            (_, None) => {
+                return Err(format!(
+                    "field vars: no value for placeholder {{{name}}} in {key}"
+                ));
+            }
         }
+        rest = after;
     }
     out.push_str(rest);
     Ok(out)
@@ -212,7 +209,7 @@ mod tests {
     fn fans_out_with_channel_overrides() {
         let out = run(
             r#"{"user":"ada","template":"welcome","channels":["email","sms","email"],"vars":{"name":"Ada"}}"#,
-            &[("template.welcome.sms", "{user}: hi {name} {{x}}")],
+            &[("template.welcome.sms", "{user}: hi {{name}}!")],
         )
         .unwrap();
         assert_eq!(
@@ -224,7 +221,7 @@ mod tests {
                 ),
                 (
                     "notify.sms".into(),
-                    json!({"user":"ada","channel":"sms","text":"ada: hi Ada {x}"})
+                    json!({"user":"ada","channel":"sms","text":"ada: hi Ada!"})
                 ),
             ]
         );

@@ -1,0 +1,116 @@
+//! Nothing lost, nothing doubled: every message sent ends up in exactly one of
+//! acked, published output, RPC reply or dead-letter queue.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use warren::disposition::Disposition;
+use warren_tests::{Client, RpcClient, config, eventually, header, start, text, unique};
+
+use crate::pipeline;
+
+#[tokio::test]
+async fn every_message_ends_up_in_exactly_one_place() -> anyhow::Result<()> {
+    let q = unique("conserve");
+    let out = unique("conserve-out");
+    let extra = "concurrency = 4\nprefetch = 32\n[pipeline.retry]\nmax_attempts = 1\n[pipeline.limits]\ntimeout_ms = 200\n";
+    let warren = start(config(&pipeline("conserve", &q, "probe", extra))?).await?;
+    let client = Client::connect().await?;
+    client.declare_queue(&out).await?;
+    let mut rpc = RpcClient::connect().await?;
+    let n = 400usize;
+    let (mut acks, mut outputs, mut replies, mut parked) =
+        (0, HashSet::new(), HashSet::new(), HashSet::new());
+    for i in 0..n {
+        let id = format!("m{i}");
+        match i % 5 {
+            0 => {
+                acks += 1;
+                client.send(&q, b"ack").await?;
+            }
+            1 => {
+                outputs.insert(id.clone());
+                client
+                    .send(&q, format!("publish - {out} {id}").as_bytes())
+                    .await?;
+            }
+            2 => {
+                replies.insert(id.clone());
+                rpc.request(&q, format!("reply {id}").as_bytes(), &id)
+                    .await?;
+            }
+            3 => {
+                parked.insert(id.clone());
+                client
+                    .send(&q, format!("dead-letter {id}").as_bytes())
+                    .await?;
+            }
+            _ => {
+                // A trap is a failure of its message only; with one attempt it is parked.
+                parked.insert(id.clone());
+                let props = BasicProperties::default().with_message_id(id.as_str().into());
+                client.publish("", &q, b"trap", props).await?;
+            }
+        }
+    }
+    let m = warren
+        .metrics()
+        .pipeline("conserve")
+        .expect("pipeline metrics");
+    let wait = Duration::from_secs(60);
+    eventually(wait, || m.outcome_count(Disposition::Ack) as usize == acks).await?;
+
+    let got_out: Vec<String> = client
+        .take(&out, outputs.len(), wait)
+        .await?
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(got_out.iter().cloned().collect::<HashSet<_>>(), outputs);
+    assert_eq!(got_out.len(), outputs.len(), "duplicated outputs");
+
+    let mut got_replies = HashSet::new();
+    for _ in 0..replies.len() {
+        let r = rpc.next_reply(wait).await?;
+        let id = r
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        assert_eq!(text(&r), id);
+        assert!(got_replies.insert(id), "duplicated reply");
+    }
+    assert_eq!(got_replies, replies);
+
+    let dlq = format!("{q}.dlq");
+    let got_parked: Vec<String> = client
+        .take(&dlq, parked.len(), wait)
+        .await?
+        .iter()
+        .map(|d| match header(d, "x-warren-reason") {
+            Some(r) if r.contains("plugin trapped") => d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            Some(r) => r,
+            None => String::new(),
+        })
+        .collect();
+    assert_eq!(got_parked.iter().cloned().collect::<HashSet<_>>(), parked);
+    assert_eq!(got_parked.len(), parked.len(), "duplicated dead letters");
+
+    client
+        .expect_empty(&out, Duration::from_millis(300))
+        .await?;
+    assert_eq!(client.depth(&dlq).await?, 0);
+    assert_eq!(client.depth(&q).await?, 0);
+    assert_eq!(m.requeued.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let settled: u64 = Disposition::ALL.iter().map(|d| m.outcome_count(*d)).sum();
+    assert_eq!(settled as usize, n, "every delivery settled exactly once");
+    warren.shutdown().await;
+    Ok(())
+}
