@@ -28,6 +28,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Plugin compilation cache and reloading.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// One entry per queue warren consumes from.
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
@@ -92,6 +95,52 @@ impl OpsConfig {
     }
 }
 
+/// `[runtime]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Directory of the compiled-plugin cache. Default: `$WARREN_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/warren/compiled`, else `~/.cache/warren/compiled`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Set to false to compile every plugin at every start.
+    #[serde(default = "default_true")]
+    pub cache: bool,
+    /// Quiet period after a plugin file changes before it is loaded.
+    #[serde(default = "default_debounce_ms")]
+    pub reload_debounce_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            cache: true,
+            reload_debounce_ms: default_debounce_ms(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The cache directory to use, `None` when caching is off.
+    pub fn effective_cache_dir(&self) -> Option<PathBuf> {
+        if !self.cache {
+            return None;
+        }
+        if let Some(d) = &self.cache_dir {
+            return Some(d.clone());
+        }
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        env("WARREN_CACHE_DIR")
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("warren/compiled")))
+            .or_else(|| env("HOME").map(|d| d.join(".cache/warren/compiled")))
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +197,9 @@ pub struct PipelineConfig {
     /// Resource limits for one invocation.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Watch the plugin file and swap in new versions as they appear.
+    #[serde(default = "default_true")]
+    pub reload: bool,
     /// Free-form settings the plugin reads with `host.config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -271,6 +323,12 @@ impl LimitsConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_debounce_ms() -> u64 {
+    20
+}
 fn default_broker_url() -> String {
     "amqp://guest:guest@127.0.0.1:5672/%2f".into()
 }
@@ -334,6 +392,11 @@ impl Config {
             if p.plugin.is_relative() {
                 p.plugin = base.join(&p.plugin);
             }
+        }
+        if let Some(d) = &mut config.runtime.cache_dir
+            && d.is_relative()
+        {
+            *d = base.join(&*d);
         }
         config.validate()?;
         Ok(config)

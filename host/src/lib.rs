@@ -29,8 +29,10 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::ops::Metrics;
 use crate::pipeline::Pipeline;
-use crate::plugins::{LoadedPlugin, PluginSlot};
+use crate::plugins::{LoadedPlugin, PluginLoader, PluginSlot, Reloader};
 use crate::runtime::{Runtime, RuntimeOptions};
+
+pub use crate::plugins::ReloadResult;
 
 /// A started warren: pipelines consuming, ops endpoint serving.
 #[derive(Debug)]
@@ -39,6 +41,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     ops_addr: Option<std::net::SocketAddr>,
+    reloaders: Vec<Arc<Reloader>>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Running {
@@ -50,6 +54,11 @@ impl Running {
     /// Where the ops endpoint listens, if enabled.
     pub fn ops_addr(&self) -> Option<std::net::SocketAddr> {
         self.ops_addr
+    }
+
+    /// The reloader of a pipeline (absent when `reload = false`).
+    pub fn reloader(&self, pipeline: &str) -> Option<&Arc<Reloader>> {
+        self.reloaders.iter().find(|r| r.pipeline() == pipeline)
     }
 
     /// Wait until every pipeline is consuming, or `timeout` passes.
@@ -92,25 +101,41 @@ pub fn runtime_options(config: &Config) -> RuntimeOptions {
     }
 }
 
-/// Compile every pipeline's plugin. Used by `run` and by `warren check`.
-pub fn load_plugins(runtime: &Runtime, config: &Config) -> Result<Vec<LoadedPlugin>> {
+/// The loader for this configuration: the engine plus the compiled cache. A
+/// cache directory that cannot be created costs compile time, not the start.
+pub fn plugin_loader(config: &Config) -> Result<PluginLoader> {
+    let runtime = Runtime::new(&runtime_options(config))?;
+    let dir = config.runtime.effective_cache_dir();
+    match PluginLoader::new(runtime.clone(), dir.as_deref()) {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "compiled cache unavailable; plugins compile at every start");
+            PluginLoader::new(runtime, None)
+        }
+    }
+}
+
+/// Load every pipeline's plugin. Used by `run` and by `warren check`.
+pub fn load_plugins(loader: &PluginLoader, config: &Config) -> Result<Vec<LoadedPlugin>> {
     config
         .pipelines
         .iter()
         .map(|p| {
-            LoadedPlugin::load(runtime, &p.plugin).with_context(|| format!("pipeline {:?}", p.name))
+            loader
+                .load(&p.plugin)
+                .with_context(|| format!("pipeline {:?}", p.name))
         })
         .collect()
 }
 
-/// Load plugins, start pipelines and the ops endpoint. Fails fast on anything
-/// that a restart would not fix (bad plugin, port in use); broker trouble is
+/// Load plugins, start pipelines, reloaders and the ops endpoint. Fails fast on
+/// anything a restart would not fix (bad plugin, port in use); broker trouble is
 /// retried in the background and shows in readiness instead.
 pub async fn start(config: Config) -> Result<Running> {
-    let runtime = Runtime::new(&runtime_options(&config))?;
+    let loader = plugin_loader(&config)?;
     let loaded = tokio::task::spawn_blocking({
-        let (runtime, config) = (runtime.clone(), config.clone());
-        move || load_plugins(&runtime, &config)
+        let (loader, config) = (loader.clone(), config.clone());
+        move || load_plugins(&loader, &config)
     })
     .await
     .context("plugin loading thread failed")??;
@@ -128,22 +153,35 @@ pub async fn start(config: Config) -> Result<Running> {
     }
     let grace = Duration::from_millis(config.ops.shutdown_grace_ms);
     let first_delay = Duration::from_millis(config.broker.reconnect_delay_ms.max(1));
+    let debounce = Duration::from_millis(config.runtime.reload_debounce_ms);
+    let mut reloaders = Vec::new();
     for (p, plugin) in config.pipelines.iter().zip(loaded) {
         tracing::info!(
             pipeline = %p.name,
             plugin = %plugin.path().display(),
             version = plugin.version(),
-            compile_ms = plugin.compile_time().as_millis() as u64,
+            load_ms = plugin.compile_time().as_millis() as u64,
+            cache = plugin.source().label(),
             "plugin loaded"
         );
         let pm = metrics
             .pipeline(&p.name)
             .context("metrics missing for a configured pipeline")?;
-        let pipeline = Arc::new(Pipeline::new(
-            p.clone(),
-            Arc::new(PluginSlot::new(plugin)),
-            pm,
-        ));
+        pm.cache_outcome(plugin.source().label());
+        let slot = Arc::new(PluginSlot::new(plugin));
+        if p.reload {
+            let r = Arc::new(Reloader::new(
+                p.name.as_str().into(),
+                p.plugin.clone(),
+                slot.clone(),
+                loader.clone(),
+                pm.clone(),
+                debounce,
+            ));
+            tasks.push(tokio::spawn(r.clone().run(stop_rx.clone())));
+            reloaders.push(r);
+        }
+        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm));
         tasks.push(tokio::spawn(pipeline.supervise(
             config.broker.url.clone(),
             first_delay,
@@ -151,11 +189,18 @@ pub async fn start(config: Config) -> Result<Running> {
             stop_rx.clone(),
         )));
     }
+    let watcher = if reloaders.is_empty() {
+        None
+    } else {
+        Some(plugins::watch_plugins(&reloaders)?)
+    };
     Ok(Running {
         metrics,
         stop,
         tasks,
         ops_addr,
+        reloaders,
+        _watcher: watcher,
     })
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use warren::config::{Config, LogFormat};
-use warren::plugins::LoadedPlugin;
+use warren::plugins::PluginLoader;
 use warren::runtime::{InvokeLimits, Message, Outcome, Outgoing, Runtime, RuntimeOptions};
 
 #[derive(Parser, Debug)]
@@ -121,16 +121,17 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Check { config: path } => {
             init_logging(cli.log_format, LogFormat::Text);
             let config = Config::load(&path)?;
-            let runtime = Runtime::new(&warren::runtime_options(&config))?;
-            let loaded = warren::load_plugins(&runtime, &config)?;
+            let loader = warren::plugin_loader(&config)?;
+            let loaded = warren::load_plugins(&loader, &config)?;
             for (p, plugin) in config.pipelines.iter().zip(&loaded) {
                 println!(
-                    "ok  pipeline {:<16} queue {:<20} plugin {} (version {}, compiled in {} ms)",
+                    "ok  pipeline {:<16} queue {:<20} plugin {} (version {}, loaded in {} ms, cache {})",
                     p.name,
                     p.queue,
                     plugin.path().display(),
                     plugin.version(),
-                    plugin.compile_time().as_millis()
+                    plugin.compile_time().as_millis(),
+                    plugin.source().label()
                 );
             }
             println!(
@@ -173,7 +174,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 max_instances: 2,
                 max_memory_bytes: limits.memory_bytes,
             })?;
-            let loaded = LoadedPlugin::load(&runtime, &plugin)?;
+            let loaded = PluginLoader::new(runtime, None)?.load(&plugin)?;
             let msg = Message {
                 body,
                 content_type,

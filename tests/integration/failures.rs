@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use warren::disposition::Disposition;
-use warren::plugins::LoadedPlugin;
+use warren::plugins::PluginLoader;
 use warren::runtime::{InvokeLimits, Message, PluginFailure, Runtime, RuntimeOptions};
 use warren_tests::{Client, config, eventually, header, plugin, start, text, unique};
 
@@ -84,7 +84,7 @@ fn invoke_fixture(
     limits: InvokeLimits,
 ) -> anyhow::Result<Result<warren::runtime::Outcome, PluginFailure>> {
     let runtime = Runtime::new(&RuntimeOptions::default())?;
-    let loaded = LoadedPlugin::load(&runtime, &plugin(name))?;
+    let loaded = PluginLoader::new(runtime, None)?.load(&plugin(name))?;
     let msg = Message {
         body: b"x".to_vec(),
         content_type: None,

@@ -10,6 +10,7 @@ mod conservation;
 mod examples;
 mod failures;
 mod outcomes;
+mod reload;
 mod rpc;
 
 use std::path::Path;

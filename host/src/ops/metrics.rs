@@ -37,7 +37,15 @@ pub struct PipelineMetrics {
     /// Messages that could not be decoded or settled for reasons outside the plugin.
     pub errors: AtomicU64,
     plugin_version: RwLock<String>,
+    /// The plugin file is currently missing (the loaded version keeps serving).
+    pub plugin_missing: AtomicBool,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+    last_reload_error: RwLock<Option<String>>,
+    cache: [AtomicU64; 4],
 }
+
+const CACHE_OUTCOMES: [&str; 4] = ["compiled", "miss", "hit", "recovered"];
 
 const FAILURE_KINDS: [&str; 4] = ["trap", "timeout", "memory", "instantiate"];
 
@@ -78,18 +86,59 @@ impl PipelineMetrics {
         self.handle_count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Count a reload attempt that changed something: `None` = swapped, `Some(why)` = failed.
+    pub fn reloaded(&self, error: Option<&str>) {
+        match error {
+            None => self.reloads.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.reload_failures.fetch_add(1, Ordering::Relaxed),
+        };
+        if let Ok(mut g) = self.last_reload_error.write() {
+            *g = error.map(str::to_string);
+        }
+    }
+
+    /// Successful reloads so far.
+    pub fn reload_count(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Failed reloads so far.
+    pub fn reload_failure_count(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+
+    /// Count where a loaded plugin's code came from (`CacheOutcome::label`).
+    pub fn cache_outcome(&self, label: &str) {
+        if let Some(i) = CACHE_OUTCOMES.iter().position(|k| *k == label) {
+            self.cache[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Loads with this cache outcome so far.
+    pub fn cache_count(&self, label: &str) -> u64 {
+        CACHE_OUTCOMES
+            .iter()
+            .position(|k| *k == label)
+            .map_or(0, |i| self.cache[i].load(Ordering::Relaxed))
+    }
+
+    /// The active plugin version (short digest).
+    pub fn plugin_version(&self) -> String {
+        self.plugin_version
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
+    fn last_reload_error(&self) -> Option<String> {
+        self.last_reload_error.read().ok().and_then(|g| g.clone())
+    }
+
     /// Set the active plugin version label.
     pub fn set_plugin_version(&self, v: &str) {
         if let Ok(mut g) = self.plugin_version.write() {
             v.clone_into(&mut g);
         }
-    }
-
-    fn plugin_version(&self) -> String {
-        self.plugin_version
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_default()
     }
 }
 
@@ -136,6 +185,8 @@ impl Metrics {
                     "name": p.name,
                     "connected": p.connected.load(Ordering::Relaxed),
                     "plugin_version": p.plugin_version(),
+                    "plugin_file_missing": p.plugin_missing.load(Ordering::Relaxed),
+                    "last_reload_error": p.last_reload_error(),
                 })
             })
             .collect();
@@ -145,7 +196,7 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let families: [(&str, &str, &str); 11] = [
+        let families: [(&str, &str, &str); 14] = [
             (
                 "warren_messages_total",
                 "counter",
@@ -197,6 +248,21 @@ impl Metrics {
                 "Broker reconnections.",
             ),
             ("warren_plugin_info", "gauge", "Active plugin version."),
+            (
+                "warren_plugin_reloads_total",
+                "counter",
+                "Plugin reloads, by result.",
+            ),
+            (
+                "warren_plugin_loads_total",
+                "counter",
+                "Plugin loads, by where the compiled code came from.",
+            ),
+            (
+                "warren_plugin_file_missing",
+                "gauge",
+                "1 while the plugin file is gone (the loaded version serves).",
+            ),
         ];
         for (name, kind, help) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -228,6 +294,23 @@ impl Metrics {
                         let _ = writeln!(out, "{name}_sum{{{l}}} {secs}");
                         let _ = writeln!(out, "{name}_count{{{l}}} {}", p.handle_count.load(r));
                     }
+                    "warren_plugin_reloads_total" => {
+                        let _ = writeln!(out, "{name}{{{l},result=\"ok\"}} {}", p.reloads.load(r));
+                        let _ = writeln!(
+                            out,
+                            "{name}{{{l},result=\"failed\"}} {}",
+                            p.reload_failures.load(r)
+                        );
+                    }
+                    "warren_plugin_loads_total" => {
+                        for (i, k) in CACHE_OUTCOMES.iter().enumerate() {
+                            let _ = writeln!(
+                                out,
+                                "{name}{{{l},source=\"{k}\"}} {}",
+                                p.cache[i].load(r)
+                            );
+                        }
+                    }
                     "warren_plugin_info" => {
                         let v = escape(&p.plugin_version());
                         let _ = writeln!(out, "{name}{{{l},version=\"{v}\"}} 1");
@@ -240,6 +323,7 @@ impl Metrics {
                             "warren_errors_total" => p.errors.load(r),
                             "warren_in_flight" => u64::try_from(p.in_flight.load(r)).unwrap_or(0),
                             "warren_broker_connected" => u64::from(p.connected.load(r)),
+                            "warren_plugin_file_missing" => u64::from(p.plugin_missing.load(r)),
                             _ => p.reconnects.load(r),
                         };
                         let _ = writeln!(out, "{name}{{{l}}} {v}");

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use super::cache::{CacheOutcome, CompiledCache};
 use crate::runtime::{HostState, Invocation, InvokeLimits, Message, PluginPre, Runtime};
 
 const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
@@ -22,6 +23,7 @@ pub struct LoadedPlugin {
     digest: String,
     pre: PluginPre<HostState>,
     compile_time: Duration,
+    source: CacheOutcome,
     /// Keeps the engine's epoch ticker running while this version can be invoked.
     _runtime: Runtime,
 }
@@ -36,17 +38,49 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
-impl LoadedPlugin {
+/// Turns plugin files into [`LoadedPlugin`]s: the runtime plus the optional
+/// compiled cache. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PluginLoader {
+    runtime: Runtime,
+    cache: Option<CompiledCache>,
+}
+
+impl PluginLoader {
+    /// A loader compiling with `runtime`, caching in `cache_dir` when given.
+    pub fn new(runtime: Runtime, cache_dir: Option<&Path>) -> Result<Self> {
+        let cache = cache_dir
+            .map(|d| CompiledCache::new(d, runtime.engine()))
+            .transpose()?;
+        Ok(Self { runtime, cache })
+    }
+
+    /// The runtime plugins are compiled for.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
     /// Load the component at `path`.
-    pub fn load(runtime: &Runtime, path: &Path) -> Result<Self> {
+    pub fn load(&self, path: &Path) -> Result<LoadedPlugin> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("loading plugin {}: cannot read the file", path.display()))?;
-        Self::from_bytes(runtime, path, &bytes)
-            .with_context(|| format!("loading plugin {}", path.display()))
+        self.load_bytes(path, &bytes)
     }
 
     /// Load from bytes already read; `path` names the plugin.
-    pub fn from_bytes(runtime: &Runtime, path: &Path, bytes: &[u8]) -> Result<Self> {
+    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<LoadedPlugin> {
+        LoadedPlugin::from_bytes(self, path, bytes)
+            .with_context(|| format!("loading plugin {}", path.display()))
+    }
+}
+
+/// SHA-256 of `bytes`, hex: a plugin version's identity.
+pub fn digest_of(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+impl LoadedPlugin {
+    fn from_bytes(loader: &PluginLoader, path: &Path, bytes: &[u8]) -> Result<Self> {
         match bytes.get(..8) {
             Some(h) if h == COMPONENT_HEADER => {}
             Some(h) if h == CORE_MODULE_HEADER => bail!(
@@ -59,9 +93,14 @@ impl LoadedPlugin {
                 bytes.len()
             ),
         }
-        let digest = hex(&Sha256::digest(bytes));
+        let digest = digest_of(bytes);
         let start = Instant::now();
-        let component = runtime.compile(bytes).context("compiling the component")?;
+        let runtime = &loader.runtime;
+        let (component, source) = match &loader.cache {
+            Some(cache) => cache.get_or_compile(runtime.engine(), &digest, bytes),
+            None => runtime.compile(bytes).map(|c| (c, CacheOutcome::Compiled)),
+        }
+        .context("compiling the component")?;
         let pre = runtime.prepare(&component)?;
         let name = path
             .file_stem()
@@ -73,8 +112,14 @@ impl LoadedPlugin {
             digest,
             pre,
             compile_time: start.elapsed(),
+            source,
             _runtime: runtime.clone(),
         })
+    }
+
+    /// Whether the compiled code came from the cache.
+    pub fn source(&self) -> CacheOutcome {
+        self.source
     }
 
     /// Plugin name: the file name without extension.
@@ -97,7 +142,7 @@ impl LoadedPlugin {
         self.digest.get(..12).unwrap_or(&self.digest)
     }
 
-    /// How long compiling and checking took.
+    /// How long loading took (compiling, or reading the cache, plus checking).
     pub fn compile_time(&self) -> Duration {
         self.compile_time
     }
@@ -119,7 +164,7 @@ impl LoadedPlugin {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         let _ = write!(s, "{b:02x}");

@@ -1,8 +1,12 @@
 //! Plugins as warren holds them: loaded (compiled, checked against the world,
 //! pre-instantiated) and kept in a slot that can be swapped as one unit.
 
+mod cache;
 mod loader;
 mod slot;
+mod watch;
 
-pub use loader::LoadedPlugin;
+pub use cache::{CacheOutcome, CompiledCache};
+pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use slot::PluginSlot;
+pub use watch::{ReloadResult, Reloader, watch_plugins};

@@ -1,0 +1,6 @@
+//! `tag_b`: version "b" of a two-version fixture for hot-reload tests (see
+//! `../../tag_common.rs`).
+
+const TAG: &str = "b";
+
+include!("../../tag_common.rs");

@@ -1,0 +1,280 @@
+//! Hot reload under load, and every way a plugin file can change or break.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use warren::disposition::Disposition;
+use warren_tests::{Client, config, eventually, header, plugin, start, text, unique};
+
+use crate::pipeline_at;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A private directory with a plugin file the test may replace.
+fn plugin_dir(initial: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(unique("reload"));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("handler.wasm");
+    std::fs::copy(plugin(initial), &file)?;
+    Ok((dir, file))
+}
+
+fn digest_version(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(warren::plugins::digest_of(&bytes)[..12].to_string())
+}
+
+/// Replacement styles deploy tools use.
+#[derive(Debug, Clone, Copy)]
+enum Style {
+    /// Truncate and write the file where it is.
+    InPlace,
+    /// Write a temporary file next to it and rename it over.
+    RenameOver,
+    /// Point a symlink at a file elsewhere, swapped atomically by rename.
+    Symlink,
+}
+
+fn replace(style: Style, target: &Path, source: &Path, stash: &Path) -> anyhow::Result<()> {
+    let dir = target.parent().expect("plugin dir");
+    match style {
+        Style::InPlace => {
+            // Writing through a symlink would modify the stashed version instead.
+            if target.is_symlink() {
+                std::fs::remove_file(target)?;
+            }
+            std::fs::write(target, std::fs::read(source)?)?;
+        }
+        Style::RenameOver => {
+            let tmp = dir.join(".handler.wasm.tmp");
+            std::fs::copy(source, &tmp)?;
+            std::fs::rename(&tmp, target)?;
+        }
+        Style::Symlink => {
+            let name = format!("{}.wasm", unique("v"));
+            let versioned = stash.join(name);
+            std::fs::copy(source, &versioned)?;
+            let link = dir.join(".handler.link.tmp");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&versioned, &link)?;
+            std::fs::rename(&link, target)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_lose_and_duplicate_nothing() -> anyhow::Result<()> {
+    let (dir, file) = plugin_dir("tag_a")?;
+    let stash = dir.join("versions");
+    std::fs::create_dir_all(&stash)?;
+    let q = unique("reload-load");
+    let out = format!("{q}.out");
+    let warren = start(config(&pipeline_at(
+        "reload",
+        &q,
+        &file,
+        "concurrency = 4\nprefetch = 64\n",
+    ))?)
+    .await?;
+    let client = Client::connect().await?;
+    client.declare_queue(&out).await?;
+    let m = warren
+        .metrics()
+        .pipeline("reload")
+        .expect("pipeline metrics");
+
+    let n = 3000usize;
+    let done = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let q = q.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let client = Client::connect().await?;
+            for i in 0..n {
+                client.send(&q, format!("id-{i}").as_bytes()).await?;
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            anyhow::Ok(())
+        })
+    };
+
+    let versions = [plugin("tag_b"), plugin("tag_a")];
+    let styles = [Style::RenameOver, Style::InPlace, Style::Symlink];
+    let mut swaps = 0;
+    while swaps < 24 {
+        let source = &versions[swaps % 2];
+        let want = digest_version(source)?;
+        replace(styles[swaps % 3], &file, source, &stash)?;
+        eventually(WAIT, || m.plugin_version() == want)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("swap {swaps} ({:?}) not picked up: {e}", styles[swaps % 3])
+            })?;
+        swaps += 1;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    producer.await??;
+    assert!(done.load(Ordering::Relaxed));
+
+    let got = client.take(&out, n, Duration::from_secs(60)).await?;
+    let mut ids = HashSet::new();
+    let mut tags: HashMap<String, usize> = HashMap::new();
+    for d in &got {
+        assert!(ids.insert(text(d)), "duplicate output {}", text(d));
+        *tags
+            .entry(header(d, "x-tag").unwrap_or_default())
+            .or_default() += 1;
+    }
+    assert_eq!(ids.len(), n);
+    assert!(
+        tags.get("a").copied().unwrap_or(0) > 0 && tags.get("b").copied().unwrap_or(0) > 0,
+        "{tags:?}"
+    );
+    client
+        .expect_empty(&out, Duration::from_millis(300))
+        .await?;
+    assert_eq!(client.depth(&q).await?, 0, "nothing left unacked");
+    assert_eq!(
+        client.depth(&format!("{q}.dlq")).await?,
+        0,
+        "nothing dead-lettered"
+    );
+    assert_eq!(m.requeued.load(Ordering::Relaxed), 0);
+    assert!(m.reload_count() >= 24, "reloads: {}", m.reload_count());
+    assert_eq!(m.reload_failure_count(), 0);
+    warren.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn broken_truncated_and_deleted_files_keep_the_old_version() -> anyhow::Result<()> {
+    let (dir, file) = plugin_dir("tag_a")?;
+    let q = unique("reload-broken");
+    let out = format!("{q}.out");
+    let warren = start(config(&pipeline_at("broken", &q, &file, ""))?).await?;
+    let client = Client::connect().await?;
+    client.declare_queue(&out).await?;
+    let m = warren
+        .metrics()
+        .pipeline("broken")
+        .expect("pipeline metrics");
+    let version_a = digest_version(&plugin("tag_a"))?;
+    let version_b = digest_version(&plugin("tag_b"))?;
+    assert_eq!(m.plugin_version(), version_a);
+
+    // Not a component at all: reported, old version serves.
+    std::fs::write(&file, b"garbage")?;
+    eventually(WAIT, || m.reload_failure_count() == 1).await?;
+    assert!(
+        warren
+            .metrics()
+            .readiness_json()
+            .to_string()
+            .contains("not a WebAssembly component")
+    );
+    client.send(&q, b"one").await?;
+    let d = client.take_one(&out, WAIT).await?;
+    assert_eq!(header(&d, "x-tag").as_deref(), Some("a"));
+
+    // A slow writer pausing longer than the debounce: the half-written file is
+    // never attempted; the complete one is loaded after the writer closes it.
+    let bytes = std::fs::read(plugin("tag_b"))?;
+    {
+        let mut f = std::fs::File::create(&file)?;
+        f.write_all(&bytes[..bytes.len() / 2])?;
+        f.flush()?;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            m.plugin_version(),
+            version_a,
+            "half a file must not be loaded"
+        );
+        f.write_all(&bytes[bytes.len() / 2..])?;
+    }
+    eventually(WAIT, || m.plugin_version() == version_b).await?;
+    assert_eq!(
+        m.reload_failure_count(),
+        1,
+        "the truncated file was never tried"
+    );
+
+    // Deleted: keeps serving with a warning, comes back when the file does.
+    std::fs::remove_file(&file)?;
+    eventually(WAIT, || m.plugin_missing.load(Ordering::Relaxed)).await?;
+    client.send(&q, b"two").await?;
+    assert_eq!(
+        header(&client.take_one(&out, WAIT).await?, "x-tag").as_deref(),
+        Some("b")
+    );
+    std::fs::copy(plugin("tag_a"), &file)?;
+    eventually(WAIT, || m.plugin_version() == version_a).await?;
+    assert!(!m.plugin_missing.load(Ordering::Relaxed));
+    client.send(&q, b"three").await?;
+    assert_eq!(
+        header(&client.take_one(&out, WAIT).await?, "x-tag").as_deref(),
+        Some("a")
+    );
+    assert_eq!(m.outcome_count(Disposition::Publish), 3);
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_compiled_cache_is_used_on_restart_and_recovers_from_corruption() -> anyhow::Result<()>
+{
+    let cache = std::env::temp_dir().join(unique("cache"));
+    let q = unique("cache");
+    let toml = format!(
+        "[runtime]\ncache_dir = {:?}\n{}",
+        cache.display().to_string(),
+        crate::pipeline("cached", &q, "probe", "reload = false\n")
+    );
+    let source = |w: &warren::Running, label: &str| {
+        w.metrics()
+            .pipeline("cached")
+            .map_or(0, |m| m.cache_count(label))
+    };
+
+    let first = start(config(&toml)?).await?;
+    assert_eq!(source(&first, "miss"), 1, "cold cache compiles");
+    first.shutdown().await;
+
+    let second = start(config(&toml)?).await?;
+    assert_eq!(source(&second, "hit"), 1, "restart loads from the cache");
+    second.shutdown().await;
+
+    // Corrupt the compiled code, keeping its checksum file: detected, rebuilt.
+    let entry = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("a cache entry");
+    let mut code = std::fs::read(&entry)?;
+    let mid = code.len() / 2;
+    code[mid] ^= 0xff;
+    std::fs::write(&entry, code)?;
+    let third = start(config(&toml)?).await?;
+    assert_eq!(source(&third, "recovered"), 1);
+    let client = Client::connect().await?;
+    let mut rpc = warren_tests::RpcClient::connect().await?;
+    assert_eq!(
+        text(&rpc.call(&q, b"reply still works", WAIT).await?),
+        "still works"
+    );
+    drop(client);
+    third.shutdown().await;
+
+    let fourth = start(config(&toml)?).await?;
+    assert_eq!(source(&fourth, "hit"), 1, "the rebuilt entry is good");
+    fourth.shutdown().await;
+    let _ = std::fs::remove_dir_all(cache);
+    Ok(())
+}
