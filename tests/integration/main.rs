@@ -9,6 +9,7 @@ mod config_errors;
 mod conservation;
 mod examples;
 mod failures;
+mod lifecycle;
 mod outcomes;
 mod reload;
 mod rpc;

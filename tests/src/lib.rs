@@ -329,3 +329,76 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> Resul
     }
     Ok(())
 }
+
+/// Management API base URL of the test broker.
+pub fn mgmt_url() -> String {
+    std::env::var("WARREN_TEST_MGMT_URL").unwrap_or_else(|_| "http://127.0.0.1:15682".into())
+}
+
+/// One plain HTTP/1.1 request to the management API (guest/guest); returns
+/// status and body. Enough for the two calls the tests need, without an HTTP
+/// client dependency.
+pub async fn mgmt(method: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let base = mgmt_url();
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connecting to the management API at {host}"))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Force-close every broker connection whose name starts with `prefix`, as a
+/// broker restart or a network cut would. Returns how many were closed.
+pub async fn kill_connections(prefix: &str) -> Result<usize> {
+    let (status, body) = mgmt("GET", "/api/connections?columns=name,client_properties").await?;
+    if status != 200 {
+        bail!("listing connections: HTTP {status}: {body}");
+    }
+    // Chunked transfer encoding may wrap the JSON; take the outermost array.
+    let json = &body
+        [body.find('[').unwrap_or(0)..=body.rfind(']').unwrap_or(body.len().saturating_sub(1))];
+    let conns: serde_json::Value =
+        serde_json::from_str(json).context("parsing the connection list")?;
+    let mut closed = 0;
+    for c in conns.as_array().into_iter().flatten() {
+        let named = c["client_properties"]["connection_name"]
+            .as_str()
+            .unwrap_or("");
+        if !named.starts_with(prefix) {
+            continue;
+        }
+        let name = c["name"].as_str().unwrap_or("");
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = mgmt("DELETE", &format!("/api/connections/{encoded}")).await?;
+        if !(200..300).contains(&status) {
+            bail!("closing connection {name}: HTTP {status}: {body}");
+        }
+        closed += 1;
+    }
+    Ok(closed)
+}

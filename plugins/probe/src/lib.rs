@@ -23,6 +23,7 @@
 //! | `echo-meta` | reply with the message's fields as JSON |
 //! | `fail-until <n>` | retry `attempt <k>` while attempt k < n, then ack |
 //! | `print <text>` | print to stdout and stderr, then ack |
+//! | `sleep <ms>` | keep busy for that long, then ack |
 //!
 //! Anything else is dead-lettered with `unknown probe command: ...`; bad arguments
 //! with `probe: ...`.
@@ -116,6 +117,14 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
             } else {
                 Outcome::ack()
             }
+        }
+        "sleep" => {
+            // Busy-wait on the WASI clock: a handler doing real work, for drain tests.
+            let until = std::time::Instant::now() + Duration::from_millis(number(args)?);
+            while std::time::Instant::now() < until {
+                black_box(());
+            }
+            Outcome::ack()
         }
         "print" => {
             println!("{args}");

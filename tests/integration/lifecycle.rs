@@ -1,0 +1,87 @@
+//! Losing the broker connection, and shutting down with messages in flight.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use warren::disposition::Disposition;
+use warren_tests::{Client, config, eventually, kill_connections, start, text, unique};
+
+use crate::pipeline;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn a_lost_connection_is_recovered_without_losing_messages() -> anyhow::Result<()> {
+    let q = unique("recover");
+    let out = unique("recover-out");
+    let name = unique("recover-pipeline");
+    let warren = start(config(&pipeline(&name, &q, "probe", "concurrency = 2\n"))?).await?;
+    let client = Client::connect().await?;
+    client.declare_queue(&out).await?;
+    let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+
+    let n = 200;
+    for i in 0..n / 2 {
+        client
+            .send(&q, format!("publish - {out} m{i}").as_bytes())
+            .await?;
+    }
+    // Cut warren's connection as a broker restart would, mid-stream.
+    let closed = kill_connections(&format!("warren/{name}")).await?;
+    assert_eq!(closed, 1, "warren holds one connection per pipeline");
+    for i in n / 2..n {
+        client
+            .send(&q, format!("publish - {out} m{i}").as_bytes())
+            .await?;
+    }
+    eventually(WAIT, || {
+        m.reconnects.load(Ordering::Relaxed) >= 1 && m.connected.load(Ordering::Relaxed)
+    })
+    .await?;
+
+    // At-least-once: every message comes out; one in flight at the cut may
+    // come out twice, never zero times.
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < n && tokio::time::Instant::now() < deadline {
+        if let Ok(d) = client.take_one(&out, Duration::from_secs(1)).await {
+            seen.insert(text(&d));
+        }
+    }
+    assert_eq!(seen.len(), n, "missing outputs after the reconnect");
+    assert_eq!(client.depth(&q).await?, 0);
+    warren.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_messages_finish() -> anyhow::Result<()> {
+    let q = unique("drain");
+    let warren = start(config(&pipeline(
+        "drain",
+        &q,
+        "probe",
+        "concurrency = 4\nprefetch = 4\n",
+    ))?)
+    .await?;
+    let client = Client::connect().await?;
+    let m = warren
+        .metrics()
+        .pipeline("drain")
+        .expect("pipeline metrics");
+    for _ in 0..4 {
+        client.send(&q, b"sleep 700").await?;
+    }
+    for _ in 0..4 {
+        client.send(&q, b"ack").await?;
+    }
+    eventually(WAIT, || m.in_flight.load(Ordering::Relaxed) == 4).await?;
+    warren.shutdown().await;
+    // The four running messages were settled before warren stopped; the four
+    // that had not started stay in the queue for the next consumer.
+    assert_eq!(m.outcome_count(Disposition::Ack), 4);
+    assert_eq!(m.in_flight.load(Ordering::Relaxed), 0);
+    assert_eq!(client.depth(&q).await?, 4);
+    Ok(())
+}
