@@ -421,6 +421,19 @@ impl Config {
             if p.queue.trim().is_empty() {
                 bail!("{what}: queue must not be empty");
             }
+            // Derived names (`<queue>.retry.<ms>`, consumer tags) must fit AMQP's
+            // 255-byte short strings too.
+            let longest = p.queue.len() + ".retry.".len() + p.retry.max_delay_ms.to_string().len();
+            if longest > 255 {
+                bail!(
+                    "{what}: queue name is {} bytes; at most {} fit with its retry queue names",
+                    p.queue.len(),
+                    255 - (longest - p.queue.len())
+                );
+            }
+            if p.name.len() > 200 {
+                bail!("{what}: the name is longer than 200 bytes");
+            }
             if p.queue.starts_with("amq.") {
                 bail!("{what}: queue {:?} uses the reserved amq. prefix", p.queue);
             }

@@ -440,3 +440,200 @@ pub fn rfc3339(t: SystemTime) -> String {
         d.subsec_millis()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryConfig;
+    use crate::envelope::value_text;
+    use crate::runtime::{RetryRequest, RpcReply};
+
+    fn info() -> PipelineInfo {
+        PipelineInfo {
+            name: "p".into(),
+            queue: "q".into(),
+            dlq: "q.dlq".into(),
+            tiers: RetryTiers::new(&RetryConfig {
+                max_attempts: 3,
+                initial_delay_ms: 100,
+                max_delay_ms: 400,
+                jitter: 0.0,
+            }),
+        }
+    }
+
+    const STAMP: PluginStamp<'static> = PluginStamp {
+        name: "plug",
+        version: "0123456789ab",
+        digest: "0123456789abcdef",
+    };
+
+    fn at() -> Circumstances {
+        Circumstances {
+            now: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
+            unit_random: 0.5,
+        }
+    }
+
+    fn env(props: BasicProperties, attempt: u32) -> Envelope {
+        let mut h = headers_of(&props);
+        set_text(&mut h, header::ATTEMPT.into(), &attempt.to_string());
+        Envelope::new(props.with_headers(h), "ex", "rk", "q")
+    }
+
+    fn header_of(p: &Publication, name: &str) -> Option<String> {
+        p.properties
+            .headers()
+            .as_ref()?
+            .inner()
+            .get(name)
+            .map(value_text)
+    }
+
+    #[test]
+    fn a_reply_without_reply_to_is_dead_lettered() {
+        let reply = Outcome::Reply(RpcReply {
+            body: b"x".to_vec(),
+            content_type: None,
+            headers: vec![],
+            publish: vec![],
+        });
+        let plan = decide(
+            &info(),
+            STAMP,
+            &env(BasicProperties::default(), 1),
+            b"in".to_vec(),
+            Ok(reply),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::DeadLetter);
+        assert_eq!(
+            plan.publications.len(),
+            1,
+            "no error reply without a reply-to"
+        );
+        assert_eq!(plan.publications[0].routing_key.as_str(), "q.dlq");
+        assert_eq!(plan.publications[0].body, b"in");
+        assert!(
+            header_of(&plan.publications[0], header::REASON)
+                .is_some_and(|r| r.contains("no reply-to"))
+        );
+    }
+
+    #[test]
+    fn names_amqp_cannot_carry_dead_letter_instead_of_panicking() {
+        let long = "k".repeat(300);
+        let outcome = Outcome::Publish(vec![Outgoing {
+            exchange: String::new(),
+            routing_key: long,
+            body: vec![],
+            content_type: None,
+            headers: vec![],
+        }]);
+        let plan = decide(
+            &info(),
+            STAMP,
+            &env(BasicProperties::default(), 1),
+            vec![],
+            Ok(outcome),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::DeadLetter);
+        let reason = header_of(&plan.publications[0], header::REASON).unwrap_or_default();
+        assert!(reason.contains("routing key is 300 bytes"), "{reason}");
+    }
+
+    #[test]
+    fn retries_go_to_the_tier_for_the_attempt_then_dead_letter() {
+        let props = BasicProperties::default()
+            .with_expiration("5000".into())
+            .with_user_id("someone".into())
+            .with_reply_to("caller".into())
+            .with_correlation_id("c1".into());
+        let retry = || {
+            Outcome::Retry(RetryRequest {
+                reason: "busy".into(),
+                delay_ms: None,
+            })
+        };
+        let plan = decide(
+            &info(),
+            STAMP,
+            &env(props.clone(), 2),
+            b"m".to_vec(),
+            Ok(retry()),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::Retry);
+        let copy = &plan.publications[0];
+        assert_eq!(copy.routing_key.as_str(), "q.retry.200");
+        assert_eq!(header_of(copy, header::ATTEMPT).as_deref(), Some("3"));
+        assert_eq!(
+            header_of(copy, header::ORIGINAL_EXCHANGE).as_deref(),
+            Some("ex")
+        );
+        assert_eq!(
+            copy.properties.expiration().as_ref().map(|s| s.as_str()),
+            Some("200")
+        );
+        assert_eq!(
+            *copy.properties.user_id(),
+            None,
+            "the broker would reject a foreign user_id"
+        );
+        assert_eq!(
+            copy.properties.reply_to().as_ref().map(|s| s.as_str()),
+            Some("caller")
+        );
+
+        // The last attempt: parked, with an error reply for the RPC caller.
+        let plan = decide(
+            &info(),
+            STAMP,
+            &env(props, 3),
+            b"m".to_vec(),
+            Ok(retry()),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::DeadLetter);
+        let parked = &plan.publications[0];
+        assert_eq!(
+            header_of(parked, header::REASON).as_deref(),
+            Some("gave up after 3 attempts: busy")
+        );
+        assert_eq!(
+            *parked.properties.expiration(),
+            None,
+            "a parked copy must not expire"
+        );
+        assert_eq!(
+            header_of(parked, header::LAST_FAILURE).as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
+        let error_reply = &plan.publications[1];
+        assert_eq!(error_reply.role, Role::Reply);
+        assert_eq!(error_reply.routing_key.as_str(), "caller");
+        assert_eq!(
+            error_reply
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.as_str()),
+            Some("c1")
+        );
+    }
+
+    #[test]
+    fn plugin_failures_take_the_retry_path() {
+        let plan = decide(
+            &info(),
+            STAMP,
+            &env(BasicProperties::default(), 1),
+            vec![],
+            Err(PluginFailure::Timeout(std::time::Duration::from_millis(5))),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::Retry);
+        assert_eq!(plan.reason.as_deref(), Some("plugin timed out after 5 ms"));
+    }
+}
