@@ -211,6 +211,7 @@ impl Pipeline {
         let span = tracing::info_span!(
             "message",
             pipeline = %self.info.name,
+            queue = %self.config.queue,
             plugin = plugin.name(),
             version = plugin.version(),
             attempt = env.attempt,
