@@ -1,7 +1,6 @@
 //! RPC through `amq.rabbitmq.reply-to` with the `fib` plugin, as RabbitMQ's
 //! tutorial clients do it, under concurrency.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use warren_tests::{Client, RpcClient, config, header, start, text, unique};
@@ -32,23 +31,10 @@ async fn concurrent_rpc_calls_get_their_own_answers() -> anyhow::Result<()> {
         rpc.request(&q, (i * 7 % 90).to_string().as_bytes(), &format!("c{i}"))
             .await?;
     }
-    let mut answers = HashMap::new();
-    for _ in 0..calls {
-        let r = rpc.next_reply(Duration::from_secs(20)).await?;
-        let id = r
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        assert!(answers.insert(id, text(&r)).is_none(), "duplicate reply");
-    }
+    let answers = rpc.replies(calls as usize, Duration::from_secs(20)).await?;
     for i in 0..calls {
-        assert_eq!(
-            answers[&format!("c{i}")],
-            fib(i * 7 % 90).to_string(),
-            "call c{i}"
-        );
+        let want = fib(i * 7 % 90).to_string();
+        assert_eq!(text(&answers[&format!("c{i}")]), want, "call c{i}");
     }
     warren.shutdown().await;
     Ok(())

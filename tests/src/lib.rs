@@ -277,6 +277,29 @@ impl RpcClient {
         }
     }
 
+    /// Collect `n` replies keyed by correlation id; a second reply for the
+    /// same id is an error (a duplicate answer).
+    pub async fn replies(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<std::collections::HashMap<String, Delivery>> {
+        let mut got = std::collections::HashMap::with_capacity(n);
+        while got.len() < n {
+            let r = self.next_reply(timeout).await?;
+            let id = r
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            if got.insert(id.clone(), r).is_some() {
+                bail!("two replies for correlation id {id:?}");
+            }
+        }
+        Ok(got)
+    }
+
     /// Request and wait for its reply.
     pub async fn call(&mut self, queue: &str, body: &[u8], timeout: Duration) -> Result<Delivery> {
         let id = unique("corr");
