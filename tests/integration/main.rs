@@ -11,6 +11,7 @@ mod examples;
 mod failures;
 mod lifecycle;
 mod outcomes;
+mod polyglot;
 mod reload;
 mod rpc;
 

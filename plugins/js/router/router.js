@@ -1,0 +1,158 @@
+// router.js — the `js_router` example plugin: turns one JSON event into one
+// webhook payload per chat/incident target (Slack, Microsoft Teams, PagerDuty,
+// or the event as-is) and publishes them, choosing the targets by severity.
+// Built into plugins/dist/js_router.wasm by scripts/build-plugins.sh;
+// docs/plugins-js.md walks through it.
+//
+// Input: {"event": "deploy.failed", "severity": "error", "summary": "...",
+//         "service": "api", "url": "https://...", "fields": {"k": "v"}}
+// Config (all optional):
+//   exchange               where payloads go (default "webhooks"); routing key
+//                          "webhook.<target>"
+//   targets                targets for every severity (default "slack")
+//   targets.<severity>     targets for one severity, e.g. targets.critical = "slack,pagerduty"
+//   min_severity           events below it are dropped (acked); default "info"
+//   pagerduty.routing_key  integration key put into PagerDuty payloads
+// An RPC request (one with reply-to) publishes the same payloads and answers the
+// caller with what was sent. A header `x-fault: trap` throws, to show that an
+// uncaught exception fails only its own message.
+
+import { log, config } from 'warren:plugin/host@0.1.0';
+
+const SEVERITIES = ['debug', 'info', 'warning', 'error', 'critical'];
+const JSON_TYPE = 'application/json';
+const encoder = new TextEncoder();
+// fatal: a body that is not UTF-8 is bad input, not something to guess at.
+const decoder = new TextDecoder('utf-8', { fatal: true });
+
+// Outcomes are plain objects: variant cases are { tag, val } with the WIT case
+// name; records use camelCase field names; option<T> is the value or undefined.
+const ack = () => ({ tag: 'ack' });
+const publish = (outgoing) => ({ tag: 'publish', val: outgoing });
+const reply = (body, publishAlso) => ({
+  tag: 'reply',
+  val: { body: json(body), contentType: JSON_TYPE, headers: [], publish: publishAlso },
+});
+const deadLetter = (reason) => ({ tag: 'dead-letter', val: reason });
+
+const json = (value) => encoder.encode(JSON.stringify(value));
+
+// Thrown for bad input; turned into a dead-letter with its message. Anything
+// else that escapes `handle` is a bug and traps, which warren retries.
+class BadInput extends Error {}
+
+const formatters = {
+  slack(e) {
+    const link = e.url ? ` <${e.url}|details>` : '';
+    const fields = Object.entries(e.fields).map(([k, v]) => `• ${k}: ${v}`);
+    return {
+      text: [`*[${e.severity.toUpperCase()}]* ${e.service}: ${e.summary}${link}`, ...fields].join('\n'),
+    };
+  },
+  teams(e) {
+    return {
+      '@type': 'MessageCard',
+      '@context': 'https://schema.org/extensions',
+      summary: e.summary,
+      themeColor: { critical: 'B00020', error: 'E81123', warning: 'FFB900' }[e.severity] ?? '0078D7',
+      title: `${e.service}: ${e.event}`,
+      text: e.summary,
+      sections: [{ facts: Object.entries(e.fields).map(([name, value]) => ({ name, value: String(value) })) }],
+      potentialAction: e.url ? [{ '@type': 'OpenUri', name: 'Details', targets: [{ os: 'default', uri: e.url }] }] : [],
+    };
+  },
+  pagerduty(e) {
+    return {
+      routing_key: config('pagerduty.routing_key') ?? '',
+      event_action: 'trigger',
+      dedup_key: `${e.service}/${e.event}`,
+      payload: {
+        summary: `${e.service}: ${e.summary}`,
+        source: e.service,
+        // PagerDuty knows no "debug"; the lowest it takes is "info".
+        severity: e.severity === 'debug' ? 'info' : e.severity,
+        custom_details: e.fields,
+      },
+    };
+  },
+  generic(e) {
+    return e;
+  },
+};
+
+function parseEvent(body) {
+  let e;
+  try {
+    e = JSON.parse(decoder.decode(body));
+  } catch (err) {
+    throw new BadInput(`invalid JSON: ${err.message}`);
+  }
+  if (e === null || typeof e !== 'object' || Array.isArray(e)) throw new BadInput('event must be a JSON object');
+  for (const key of ['event', 'summary']) {
+    if (typeof e[key] !== 'string' || e[key] === '') throw new BadInput(`missing field "${key}"`);
+  }
+  const severity = e.severity ?? 'info';
+  if (!SEVERITIES.includes(severity)) throw new BadInput(`unknown severity "${severity}"`);
+  return {
+    event: e.event,
+    severity,
+    summary: e.summary,
+    service: typeof e.service === 'string' ? e.service : 'unknown',
+    url: typeof e.url === 'string' ? e.url : undefined,
+    fields: e.fields !== null && typeof e.fields === 'object' ? e.fields : {},
+  };
+}
+
+function targetsFor(severity) {
+  const list = config(`targets.${severity}`) ?? config('targets') ?? 'slack';
+  const targets = list.split(',').map((t) => t.trim()).filter((t) => t !== '');
+  const unknown = targets.filter((t) => !(t in formatters));
+  // A config mistake, but the event itself is fine: parking it keeps it for a
+  // replay once the config is fixed, instead of dropping it.
+  if (unknown.length > 0) throw new BadInput(`unknown target(s) in config: ${unknown.join(', ')}`);
+  return targets;
+}
+
+function route(msg) {
+  const header = (name) => msg.headers.find(([k]) => k === name)?.[1];
+  if (header('x-fault') === 'trap') throw new Error('fault injected by the x-fault header');
+
+  const e = parseEvent(msg.body);
+  const min = config('min_severity') ?? 'info';
+  if (SEVERITIES.indexOf(e.severity) < SEVERITIES.indexOf(min)) {
+    log('debug', `dropping ${e.severity} event ${e.event} (min_severity ${min})`);
+    return ack();
+  }
+  const exchange = config('exchange') ?? 'webhooks';
+  const outgoing = targetsFor(e.severity).map((target) => ({
+    exchange,
+    routingKey: `webhook.${target}`,
+    body: json(formatters[target](e)),
+    contentType: JSON_TYPE,
+    headers: [
+      ['x-event', e.event],
+      ['x-severity', e.severity],
+      ['x-target', target],
+    ],
+  }));
+  log('info', `${e.event} (${e.severity}) -> ${outgoing.map((o) => o.routingKey).join(', ')}`);
+  if (msg.replyTo != null) {
+    return reply({ event: e.event, sent: outgoing.map((o) => ({ exchange, routing_key: o.routingKey })) }, outgoing);
+  }
+  return publish(outgoing);
+}
+
+// The exported interface `handler` is an object with one method per function.
+export const handler = {
+  handle(msg) {
+    try {
+      return route(msg);
+    } catch (err) {
+      if (err instanceof BadInput) {
+        log('warn', err.message);
+        return deadLetter(err.message);
+      }
+      throw err;
+    }
+  },
+};
