@@ -117,8 +117,8 @@ fn classify(
     // The root cause is the trap itself; the context chain around it is a wasm
     // backtrace of anonymous functions that helps nobody reading a DLQ header.
     let mut text = err.root_cause().to_string();
-    if let Some(panic) = store.data().panic_message() {
-        text = format!("{text} ({panic})");
+    if let Some(said) = store.data().crash_message() {
+        text = format!("{text} ({said})");
     }
     if text.len() > MAX_FAILURE_TEXT {
         let mut cut = MAX_FAILURE_TEXT;

@@ -59,14 +59,13 @@ impl HostState {
         }
     }
 
-    /// The panic message a Rust guest printed to stderr before trapping, if any.
-    pub(crate) fn panic_message(&self) -> Option<String> {
+    /// What the guest said about its crash on stderr, if anything: the
+    /// message of a Rust panic, a Python exception or a JavaScript error. It
+    /// becomes part of the failure reason, which ends up in DLQ headers where
+    /// a wasm backtrace would say nothing.
+    pub(crate) fn crash_message(&self) -> Option<String> {
         let bytes = self.stderr.contents();
-        let text = String::from_utf8_lossy(&bytes);
-        let mut lines = text.lines();
-        lines.position(|l| l.contains("panicked at"))?;
-        let detail = lines.next().unwrap_or("").trim();
-        Some(format!("panicked: {detail}"))
+        crash_message(&String::from_utf8_lossy(&bytes))
     }
 
     /// Forward what the plugin printed to the log, line by line.
@@ -129,6 +128,34 @@ impl warren::plugin::host::Host for HostState {
     }
 }
 
+fn crash_message(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    // Python: the exception line is the first unindented line after the traceback.
+    if let Some(t) = lines
+        .iter()
+        .position(|l| l.starts_with("Traceback (most recent call last)"))
+    {
+        return lines[t + 1..]
+            .iter()
+            .find(|l| !l.starts_with(' ') && !l.is_empty())
+            .map(|l| l.trim().to_string());
+    }
+    // JavaScript (StarlingMonkey): the error message precedes its "Stack:".
+    if let Some(s) = lines.iter().position(|l| l.trim() == "Stack:") {
+        return lines[..s]
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_string());
+    }
+    // Rust: the panic message follows "panicked at <location>:".
+    let p = lines.iter().position(|l| l.contains("panicked at"))?;
+    Some(format!(
+        "panicked: {}",
+        lines.get(p + 1).map_or("", |l| l.trim())
+    ))
+}
+
 /// Caps linear memory and remembers whether the cap was hit, so that the trap a
 /// guest raises after a failed allocation can be reported as "out of memory".
 pub(crate) struct MemoryLimiter {
@@ -169,5 +196,27 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|m| desired <= m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crash_message;
+
+    #[test]
+    fn crash_messages_are_found_for_each_language() {
+        let rust = "thread '<unnamed>' (1) panicked at src/lib.rs:82:19:\nprobe: trap requested\nnote: run with `RUST_BACKTRACE=1`\n";
+        assert_eq!(
+            crash_message(rust).as_deref(),
+            Some("panicked: probe: trap requested")
+        );
+        let python = "Traceback (most recent call last):\n  File \"/0/app.py\", line 3, in handle\nValueError: bad ticket\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1:1:\nPython function threw an unexpected exception\n";
+        assert_eq!(
+            crash_message(python).as_deref(),
+            Some("ValueError: bad ticket")
+        );
+        let js = "fault injected\nStack:\n  route@router.js:118:43\n";
+        assert_eq!(crash_message(js).as_deref(), Some("fault injected"));
+        assert_eq!(crash_message("just chatter\n"), None);
     }
 }
