@@ -61,12 +61,14 @@ fn reason(d: &Delivery) -> String {
 
 /// Sends a message that makes the plugin fail (`x-fault: trap`) and then a good
 /// one: the first is retried and parked with the trap as its reason, the second
-/// is handled normally by the same consumer.
+/// is handled normally by the same consumer. `said` is what the guest's own
+/// crash message contributes to the reason.
 async fn trap_is_charged_to_its_message(
     client: &Client,
     q: &str,
     m: &PipelineMetrics,
     body: &[u8],
+    said: &str,
 ) -> anyhow::Result<()> {
     let traps_before = m.failure_count("trap");
     client
@@ -75,7 +77,8 @@ async fn trap_is_charged_to_its_message(
     let d = client.take_one(&format!("{q}.dlq"), WAIT).await?;
     assert_eq!(d.data, body, "the trapping message itself is parked");
     assert!(
-        reason(&d).starts_with("gave up after 3 attempts: plugin trapped"),
+        reason(&d).starts_with("gave up after 3 attempts: plugin trapped")
+            && reason(&d).contains(said),
         "{}",
         reason(&d)
     );
@@ -167,8 +170,14 @@ async fn js_router_publishes_acks_replies_dead_letters_and_survives_a_throw() ->
     assert_eq!(json_body(&d)["text"], "*[INFO]* unknown: ada joined");
 
     // trap: an uncaught exception fails only its message.
-    trap_is_charged_to_its_message(&client, &q, &m, br#"{"event": "x", "summary": "boom"}"#)
-        .await?;
+    trap_is_charged_to_its_message(
+        &client,
+        &q,
+        &m,
+        br#"{"event": "x", "summary": "boom"}"#,
+        "(fault injected by the x-fault header)",
+    )
+    .await?;
     client
         .send(&q, br#"{"event": "after.trap", "summary": "still here"}"#)
         .await?;
@@ -277,7 +286,14 @@ async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_
     assert_eq!(answer["scores"]["outage"], 2);
 
     // trap: an uncaught exception fails only its message.
-    trap_is_charged_to_its_message(&client, &q, &m, br#"{"subject": "boom"}"#).await?;
+    trap_is_charged_to_its_message(
+        &client,
+        &q,
+        &m,
+        br#"{"subject": "boom"}"#,
+        "(RuntimeError: fault injected by the x-fault header)",
+    )
+    .await?;
     assert_eq!(m.outcome_count(Disposition::Retry) - retries, 2);
     client
         .send(&q, br#"{"id": "T-5", "subject": "password reset"}"#)
@@ -372,7 +388,7 @@ async fn c_checksum_publishes_acks_replies_dead_letters_and_survives_a_trap() ->
     assert_eq!(header(&r, "x-checksum-crc32").as_deref(), Some("3610a686"));
 
     // trap: a trap instruction fails only its message.
-    trap_is_charged_to_its_message(&client, &q, &m, b"boom").await?;
+    trap_is_charged_to_its_message(&client, &q, &m, b"boom", "").await?;
     client.send(&q, b"after").await?;
     assert_eq!(text(&client.take_one(&out, WAIT).await?), "after");
     client
