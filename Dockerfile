@@ -12,6 +12,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY wit wit
 COPY host host
 COPY tests tests
+COPY bench bench
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p warren \

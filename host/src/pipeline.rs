@@ -1,26 +1,45 @@
 //! A running pipeline: a supervisor that (re)connects, declares the topology and
-//! consumes; one task per delivery that invokes the plugin and settles the
-//! delivery according to `disposition`. One bad message never stops the loop.
+//! consumes; worker threads that run the plugin on each delivery; and settling
+//! each delivery according to `disposition`. One bad message never stops the
+//! loop.
+//!
+//! The path of a delivery: one of the pipeline's `concurrency` worker threads
+//! takes it from the consumer, instantiates the plugin, calls it and decides
+//! the disposition. An outcome with nothing to publish (a plain ack) is settled
+//! right there; one with publications is started on the worker and finished by
+//! an async task that waits for the broker's confirms and only then settles.
+//! Settling goes through the consume channel's [`Settler`], which batches acks
+//! without ever acking a delivery before its own effects are confirmed or past
+//! one that is not settled yet (at-least-once).
+//!
+//! Why threads of the pipeline's own rather than a consumer task that calls
+//! `spawn_blocking` per message: a plugin call is synchronous and often takes
+//! microseconds, so handing a message from thread to thread costs as much as
+//! the call, and each hand-off adds a wake-up to an RPC's latency. Workers take
+//! turns waiting on the consumer (leader/followers), so a delivery is handled
+//! on the thread that received it, the async side is not involved at all for
+//! a plain ack, and one pipeline's calls never wait for another's threads.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Waker};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::StreamExt;
+use lapin::Consumer;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use tokio::sync::{Notify, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, watch};
 use tracing::{Instrument, field};
 
-use crate::broker::{self, Publisher};
+use crate::broker::{self, Publisher, SettleGuard, Settler};
 use crate::config::PipelineConfig;
-use crate::disposition::{self, Circumstances, PipelineInfo, PluginStamp};
+use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp};
 use crate::envelope::Envelope;
 use crate::ops::PipelineMetrics;
 use crate::plugins::PluginSlot;
@@ -29,6 +48,14 @@ use crate::runtime::InvokeLimits;
 
 /// Longest pause between reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
+
+/// Stack of a worker thread. Plugins run on it (wasmtime's sync calls use the
+/// host stack), so it matches the 2 MiB tokio gives blocking threads.
+const WORKER_STACK: usize = 2 << 20;
+
+/// After the shutdown grace ran out: how long the last requeues and acks get
+/// to reach the broker before the connection closes.
+const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
 /// Everything a pipeline's tasks share.
 #[derive(Debug)]
@@ -39,7 +66,6 @@ pub struct Pipeline {
     pub metrics: Arc<PipelineMetrics>,
     plugin_config: Arc<BTreeMap<String, String>>,
     limits: InvokeLimits,
-    permits: Arc<Semaphore>,
 }
 
 impl Pipeline {
@@ -62,7 +88,6 @@ impl Pipeline {
         metrics.set_plugin_version(slot.current().version());
         Self {
             plugin_config: Arc::new(config.config.clone()),
-            permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
             info,
             slot,
@@ -139,7 +164,8 @@ impl Pipeline {
         let tag: ShortString = format!("warren-{name}-{}", std::process::id()).into();
         let queue = ShortString::try_new(self.config.queue.clone())
             .map_err(|_| anyhow!("queue name too long"))?;
-        let mut consumer = channel
+
+        let consumer = channel
             .basic_consume(
                 queue,
                 tag.clone(),
@@ -148,151 +174,213 @@ impl Pipeline {
             )
             .await
             .with_context(|| format!("consuming from queue {:?}", self.config.queue))?;
+        let (settler, mut settling) = Settler::start(channel.clone(), self.metrics.clone());
+        let work = Arc::new(Work {
+            pipeline: self.clone(),
+            publisher,
+            consumer: Mutex::new(consumer),
+            broken: Notify::new(),
+            ended: Notify::new(),
+            end_reason: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            runtime: Handle::current(),
+            abandon: AtomicBool::new(false),
+        });
+        if let Err(e) = work.start_workers(self.config.concurrency, &settler) {
+            // Workers already started stop when the connection goes.
+            let _ = conn.close(200, "warren cannot start workers".into()).await;
+            return Err(e);
+        }
         self.metrics.connected.store(true, Ordering::Relaxed);
         tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), "consuming");
 
-        let broken = Arc::new(Notify::new());
-        let mut tasks = JoinSet::new();
-        let outcome: Result<()> = loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => break Ok(()),
-                _ = broken.notified() => break Err(anyhow!("the publish channel closed")),
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = joined {
-                        // Only a bug in warren gets here; the delivery stays unacked
-                        // and returns to the queue with the channel.
-                        tracing::error!(pipeline = %name, error = %e, "message task failed");
-                    }
-                }
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let this = self.clone();
-                        let publisher = publisher.clone();
-                        let broken = broken.clone();
-                        tasks.spawn(async move { this.handle(delivery, &publisher, &broken).await });
-                    }
-                    Some(Err(e)) => break Err(anyhow!(e).context("the consumer failed")),
-                    None => break Err(anyhow!("the broker cancelled the consumer (queue deleted?)")),
-                },
-            }
+        let outcome: Result<()> = tokio::select! {
+            _ = stop.wait_for(|s| *s) => Ok(()),
+            _ = work.broken.notified() => Err(anyhow!("the publish channel closed")),
+            _ = work.ended.notified() => Err(anyhow!(work.end_reason())),
         };
 
-        // Stop the flow first, then let in-flight messages settle on this channel.
+        // Stop the flow first, then let what was received settle on this
+        // channel: workers handle what the consumer still holds, then exit on
+        // its end; the settler stops once every delivery has reported.
         self.metrics.connected.store(false, Ordering::Relaxed);
         let _ = channel
             .basic_cancel(tag, BasicCancelOptions::default())
             .await;
-        let drained = tokio::time::timeout(grace, async {
-            while let Some(joined) = tasks.join_next().await {
-                if let Err(e) = joined {
-                    tracing::error!(pipeline = %name, error = %e, "message task failed");
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(pipeline = %name, left = tasks.len(), "shutdown grace ran out; unsettled messages go back to the queue");
-            tasks.abort_all();
+        drop(settler);
+        if tokio::time::timeout(grace, &mut settling).await.is_err() {
+            tracing::warn!(pipeline = %name, left = self.metrics.in_flight.load(Ordering::Relaxed), "shutdown grace ran out; unsettled messages go back to the queue");
+            // Queued deliveries are requeued instead of handled; calls still
+            // running end by their own timeout and find the channel closed.
+            work.abandon.store(true, Ordering::Relaxed);
+            let _ = tokio::time::timeout(FINAL_FLUSH, &mut settling).await;
         }
         let _ = conn.close(200, "warren stopping".into()).await;
         outcome
     }
+}
 
-    /// Invoke the plugin on one delivery and settle it.
-    async fn handle(self: Arc<Self>, delivery: Delivery, publisher: &Publisher, broken: &Notify) {
-        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-        let plugin = self.slot.current();
+/// A delivery on its way through a worker.
+struct Job {
+    delivery: Delivery,
+    settle: SettleGuard,
+    in_flight: InFlight,
+}
+
+/// Counts a delivery in `warren_in_flight` from when a worker takes it until it
+/// is settled.
+struct InFlight(Arc<PipelineMetrics>);
+
+impl InFlight {
+    fn new(m: &Arc<PipelineMetrics>) -> Self {
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(m.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the workers and publish tasks of one session share.
+struct Work {
+    pipeline: Arc<Pipeline>,
+    publisher: Arc<Publisher>,
+    /// The session's consumer. The worker holding the lock waits for the next
+    /// delivery and hands the lock on as soon as it has one (leader/followers):
+    /// the delivery is handled on the thread lapin's I/O thread woke, with no
+    /// further hand-off, and the next worker is already waiting meanwhile.
+    consumer: Mutex<Consumer>,
+    /// Notified when the publish channel is found closed: the session restarts.
+    broken: Notify,
+    /// Notified when the consumer ends or fails; `end_reason` says why.
+    ended: Notify,
+    end_reason: Mutex<Option<String>>,
+    /// The consumer has ended: workers exit.
+    finished: AtomicBool,
+    /// The async runtime, for publishing from worker threads.
+    runtime: Handle,
+    /// Set when the shutdown grace ran out: deliveries still held by the
+    /// consumer are requeued instead of handled.
+    abandon: AtomicBool,
+}
+
+impl Work {
+    /// Start `n` worker threads on the session's consumer. They exit when the
+    /// consumer ends (cancelled at shutdown, or the channel is gone).
+    fn start_workers(self: &Arc<Self>, n: usize, settler: &Settler) -> Result<()> {
+        for _ in 0..n.max(1) {
+            let (work, settler) = (self.clone(), settler.clone());
+            std::thread::Builder::new()
+                .name("warren-worker".into())
+                .stack_size(WORKER_STACK)
+                .spawn(move || work.run_worker(&settler))
+                .context("starting a worker thread")?;
+        }
+        Ok(())
+    }
+
+    fn run_worker(self: &Arc<Self>, settler: &Settler) {
+        loop {
+            let next = {
+                let mut consumer = match self.consumer.lock() {
+                    Ok(c) => c,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                if self.finished.load(Ordering::Relaxed) {
+                    return;
+                }
+                self.runtime.block_on(consumer.next())
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return self.end(format!("the consumer failed: {e}")),
+                None => {
+                    return self.end("the broker cancelled the consumer (queue deleted?)".into());
+                }
+            };
+            let job = Job {
+                settle: settler.guard(delivery.delivery_tag),
+                in_flight: InFlight::new(&self.pipeline.metrics),
+                delivery,
+            };
+            if self.abandon.load(Ordering::Relaxed) {
+                // Dropping the guard requeues the delivery.
+                continue;
+            }
+            // A panic here is a bug in warren; the job's guard requeues the
+            // delivery and the worker carries on.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(job))).is_err() {
+                tracing::error!(pipeline = %self.pipeline.info.name, "handling a message panicked; it is requeued");
+            }
+        }
+    }
+
+    /// The consumer ended: stop every worker, and the session if it still runs.
+    fn end(&self, reason: String) {
+        if !self.finished.swap(true, Ordering::Relaxed) {
+            if let Ok(mut r) = self.end_reason.lock() {
+                *r = Some(reason);
+            }
+            self.ended.notify_one();
+        }
+    }
+
+    fn end_reason(&self) -> String {
+        self.end_reason
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "the consumer ended".into())
+    }
+
+    /// Invoke the plugin on one delivery, decide, and settle it (or hand the
+    /// publications to an async task that settles it once they are confirmed).
+    fn handle(self: &Arc<Self>, job: Job) {
+        let p = &self.pipeline;
+        let Job {
+            delivery,
+            settle,
+            in_flight,
+        } = job;
+        let plugin = p.slot.current();
         let env = Envelope::new(
-            delivery.properties.clone(),
+            delivery.properties,
             delivery.exchange.as_str(),
             delivery.routing_key.as_str(),
-            &self.config.queue,
+            &p.config.queue,
         );
         let span = tracing::info_span!(
             "message",
-            pipeline = %self.info.name,
-            queue = %self.config.queue,
+            pipeline = %p.info.name,
             plugin = plugin.name(),
             version = plugin.version(),
             attempt = env.attempt,
             outcome = field::Empty,
         );
-        async {
-            let result = self.process(&plugin, &env, delivery.data, publisher).await;
-            let settled = match result {
-                Ok(plan) => {
-                    tracing::Span::current().record("outcome", plan.disposition.label());
-                    if let Some(reason) = &plan.reason {
-                        tracing::info!(reason = %reason, "{}", plan.disposition.label());
-                    } else {
-                        tracing::debug!("{}", plan.disposition.label());
-                    }
-                    self.metrics.outcome(plan.disposition);
-                    delivery.acker.ack(BasicAckOptions::default()).await.context("acking")
-                }
-                Err(e) => {
-                    tracing::Span::current().record("outcome", "requeue");
-                    tracing::warn!(error = %format!("{e:#}"), "effects not confirmed; requeueing the message");
-                    self.metrics.requeued.fetch_add(1, Ordering::Relaxed);
-                    if !publisher.usable() {
-                        broken.notify_one();
-                    }
-                    let nack = BasicNackOptions { requeue: true, multiple: false };
-                    delivery.acker.nack(nack).await.context("nacking")
-                }
-            };
-            if let Err(e) = settled {
-                // The channel is gone: the broker requeues the delivery itself.
-                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %format!("{e:#}"), "could not settle the delivery; the broker will redeliver it");
-            }
-        }
-        .instrument(span)
-        .await;
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Run the plugin and confirm the plan's effects; `Err` means requeue.
-    async fn process(
-        &self,
-        plugin: &Arc<crate::plugins::LoadedPlugin>,
-        env: &Envelope,
-        body: Vec<u8>,
-        publisher: &Publisher,
-    ) -> Result<disposition::Plan> {
-        let message = env.to_message(body);
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .context("the pipeline is shutting down")?;
-        let (p, config, name, limits) = (
-            plugin.clone(),
-            self.plugin_config.clone(),
-            self.info.name.clone(),
-            self.limits,
+        let entered = span.enter();
+        let message = env.to_message(delivery.data);
+        let invocation = plugin.invoke(
+            &message,
+            p.plugin_config.clone(),
+            p.info.name.clone(),
+            p.limits,
         );
-        let (message, invocation) = tokio::task::spawn_blocking(move || {
-            let inv = p.invoke(&message, config, name, limits);
-            (message, inv)
-        })
-        .await
-        .context("the plugin call's thread failed")?;
-        drop(permit);
-        self.metrics.observe_handle(invocation.elapsed);
+        p.metrics.observe_handle(invocation.elapsed);
         if let Err(failure) = &invocation.result {
-            self.metrics.failure(failure.kind());
+            p.metrics.failure(failure.kind());
             tracing::warn!(failure = %failure, "plugin call failed");
         }
-        let mut plan = disposition::decide(
-            &self.info,
+        let plan = disposition::decide(
+            &p.info,
             PluginStamp {
                 name: plugin.name(),
                 version: plugin.version(),
                 digest: plugin.digest(),
             },
-            env,
+            &env,
             message.body,
             invocation.result,
             Circumstances {
@@ -300,18 +388,80 @@ impl Pipeline {
                 unit_random: fastrand::f64(),
             },
         );
-        if !publisher.usable() {
-            bail!("the publish channel is closed");
+        if plan.publications.is_empty() {
+            p.settled(&plan);
+            settle.ack();
+            drop(in_flight);
+            return;
         }
-        let report = publisher
-            .publish_all(std::mem::take(&mut plan.publications))
-            .await?;
-        self.metrics
-            .published
-            .fetch_add(report.published, Ordering::Relaxed);
-        self.metrics
-            .unroutable
-            .fetch_add(report.unroutable, Ordering::Relaxed);
-        Ok(plan)
+        drop(entered);
+        let work = self.clone();
+        let mut task = Box::pin(
+            async move {
+                work.publish_and_settle(plan, settle).await;
+                drop(in_flight);
+            }
+            .instrument(span.clone()),
+        );
+        // Start publishing on this thread: the first poll queues the first
+        // publication's frames and wakes lapin's I/O thread, so an RPC reply
+        // leaves now rather than after a runtime thread has picked the task up.
+        // Waiting for the confirms and settling continue on the runtime (a
+        // spawned task is always polled, so the no-op waker loses nothing).
+        let _in_runtime = self.runtime.enter();
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        if task.as_mut().poll(&mut cx).is_pending() {
+            self.runtime.spawn(task);
+        }
+    }
+
+    /// Publish the plan's effects; ack once all are confirmed, else requeue.
+    async fn publish_and_settle(&self, mut plan: Plan, settle: SettleGuard) {
+        let p = &self.pipeline;
+        let published = async {
+            if !self.publisher.usable() {
+                bail!("the publish channel is closed");
+            }
+            let report = self
+                .publisher
+                .publish_all(std::mem::take(&mut plan.publications))
+                .await?;
+            p.metrics
+                .published
+                .fetch_add(report.published, Ordering::Relaxed);
+            p.metrics
+                .unroutable
+                .fetch_add(report.unroutable, Ordering::Relaxed);
+            anyhow::Ok(())
+        }
+        .await;
+        match published {
+            Ok(()) => {
+                p.settled(&plan);
+                settle.ack();
+            }
+            Err(e) => {
+                tracing::Span::current().record("outcome", "requeue");
+                tracing::warn!(error = %format!("{e:#}"), "effects not confirmed; requeueing the message");
+                p.metrics.requeued.fetch_add(1, Ordering::Relaxed);
+                if !self.publisher.usable() {
+                    self.broken.notify_one();
+                }
+                settle.requeue();
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    /// Record a delivery whose effects are all confirmed (it is acked next).
+    fn settled(&self, plan: &Plan) {
+        tracing::Span::current().record("outcome", plan.disposition.label());
+        if let Some(reason) = &plan.reason {
+            tracing::info!(reason = %reason, "{}", plan.disposition.label());
+        } else {
+            tracing::debug!("{}", plan.disposition.label());
+        }
+        self.metrics.outcome(plan.disposition);
     }
 }

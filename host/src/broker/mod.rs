@@ -1,10 +1,12 @@
-//! RabbitMQ side: connecting, declaring each pipeline's topology, and
-//! publishing with confirms.
+//! RabbitMQ side: connecting, declaring each pipeline's topology, publishing
+//! with confirms, and settling deliveries (batched acks).
 
 mod publish;
+mod settle;
 mod topology;
 
 pub use publish::{PublishReport, Publisher};
+pub use settle::{SettleGuard, Settler, Verdict};
 pub use topology::declare;
 
 use anyhow::{Context, Result};

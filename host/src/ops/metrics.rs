@@ -26,7 +26,8 @@ pub struct PipelineMetrics {
     pub published: AtomicU64,
     /// Plugin outputs the broker could not route anywhere.
     pub unroutable: AtomicU64,
-    /// Deliveries received and not yet settled.
+    /// Deliveries taken by a worker and not yet settled (prefetched ones still
+    /// waiting for a worker are not counted).
     pub in_flight: AtomicI64,
     handle_micros: AtomicU64,
     handle_count: AtomicU64,
@@ -230,7 +231,7 @@ impl Metrics {
             (
                 "warren_in_flight",
                 "gauge",
-                "Deliveries received and not yet settled.",
+                "Deliveries being handled: taken by a worker, not yet settled.",
             ),
             (
                 "warren_handle_seconds",

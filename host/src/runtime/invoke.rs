@@ -80,11 +80,14 @@ pub(crate) fn invoke(
     let engine = pre.engine();
     let mut store = Store::new(engine, HostState::new(config, log, limits.memory_bytes));
     store.limiter(|s| &mut s.limiter);
+    // The current tick is already partly over, so one more tick makes sure a
+    // plugin always gets its whole timeout (and is stopped within a tick after).
     let ticks = limits
         .timeout
         .as_micros()
         .div_ceil(EPOCH_TICK.as_micros())
-        .max(1);
+        .max(1)
+        + 1;
     store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
     store.epoch_deadline_trap();
 

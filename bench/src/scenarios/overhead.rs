@@ -1,0 +1,133 @@
+//! Scenario 4: the host's cost per message without the broker: instantiate +
+//! call + drop, exactly what warren does for each delivery, for the no-op
+//! plugin and for `thumbnail` on a fixed 640x400 PNG (to show that real plugin
+//! work dominates).
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use warren::plugins::LoadedPlugin;
+use warren::runtime::{InvokeLimits, Message, Outcome};
+
+use super::micros;
+use crate::report::{Goal, Row};
+use crate::setup::{self, pipeline_toml};
+use crate::stats::{Summary, summarize};
+use crate::{Options, amqp};
+
+/// No-op calls made before measuring (pool slots, caches, branch predictors).
+const WARMUP: usize = 2_000;
+/// Most calls measured per plugin.
+const MAX_CALLS: usize = 200_000;
+
+pub async fn run(opts: &Options) -> Result<Vec<Row>> {
+    let config = setup::config(
+        opts,
+        &pipeline_toml("overhead", "bench.overhead", &opts.plugin("noop"), ""),
+    )?;
+    let loader = warren::plugin_loader(&config)?;
+    let (noop_path, thumb_path) = (opts.plugin("noop"), opts.plugin("thumbnail"));
+    let budget = opts.duration / 2;
+    let size = opts.size;
+    let (noop, thumb) = tokio::task::spawn_blocking(move || {
+        let noop = loader.load(&noop_path)?;
+        let thumb = loader.load(&thumb_path)?;
+        let n = measure(&noop, message(amqp::body(size)), budget, WARMUP, |o| {
+            matches!(o, Outcome::Ack)
+        })?;
+        let t = measure(
+            &thumb,
+            message(png()?),
+            budget,
+            3,
+            |o| matches!(o, Outcome::Publish(v) if v.len() == 1),
+        )?;
+        anyhow::Ok((n, t))
+    })
+    .await
+    .context("the measuring thread panicked")??;
+    let share = noop.p50 / thumb.p50 * 100.0;
+    Ok(vec![
+        Row::new(
+            "4 overhead",
+            "no-op instantiate + call + drop p50",
+            "µs",
+            noop.p50,
+        )
+        .goal(Goal::new("<= 5 µs", noop.p50 <= 5.0)),
+        Row::new(
+            "4 overhead",
+            "no-op instantiate + call + drop p99",
+            "µs",
+            noop.p99,
+        ),
+        Row::new("4 overhead", "thumbnail 640x400 PNG p50", "µs", thumb.p50)
+            .compare(format!("no-op = {share:.2}% of it")),
+        Row::new("4 overhead", "thumbnail 640x400 PNG p99", "µs", thumb.p99),
+    ])
+}
+
+/// A message as warren builds it from a delivery.
+fn message(body: Vec<u8>) -> Message {
+    Message {
+        body,
+        content_type: None,
+        exchange: "".into(),
+        routing_key: "bench.overhead".into(),
+        queue: "bench.overhead".into(),
+        headers: vec![],
+        message_id: None,
+        correlation_id: None,
+        reply_to: None,
+        attempt: 1,
+    }
+}
+
+/// The fixed test image: a 640x400 RGB gradient, PNG-encoded.
+pub fn png() -> Result<Vec<u8>> {
+    let img = image::RgbImage::from_fn(640, 400, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .context("encoding the test image")?;
+    Ok(out.into_inner())
+}
+
+/// Call `plugin` on `msg` repeatedly for up to `budget`; per-call µs.
+fn measure(
+    plugin: &LoadedPlugin,
+    msg: Message,
+    budget: Duration,
+    warmup: usize,
+    ok: impl Fn(&Outcome) -> bool,
+) -> Result<Summary> {
+    let config = Arc::new(BTreeMap::new());
+    let pipeline: Arc<str> = "overhead".into();
+    let limits = InvokeLimits {
+        timeout: Duration::from_secs(5),
+        memory_bytes: 64 << 20,
+    };
+    for _ in 0..warmup {
+        let inv = plugin.invoke(&msg, config.clone(), pipeline.clone(), limits);
+        match &inv.result {
+            Ok(o) if ok(o) => {}
+            other => bail!("{} gave an unexpected result: {other:?}", plugin.name()),
+        }
+    }
+    let mut samples = Vec::new();
+    let end = Instant::now() + budget;
+    while samples.len() < MAX_CALLS && (Instant::now() < end || samples.len() < 10) {
+        let start = Instant::now();
+        let inv = plugin.invoke(&msg, config.clone(), pipeline.clone(), limits);
+        let took = start.elapsed();
+        if !matches!(&inv.result, Ok(o) if ok(o)) {
+            bail!("{} failed during measurement", plugin.name());
+        }
+        samples.push(micros(took));
+    }
+    Ok(summarize(samples))
+}
