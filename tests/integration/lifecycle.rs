@@ -27,8 +27,17 @@ async fn a_lost_connection_is_recovered_without_losing_messages() -> anyhow::Res
             .send(&q, format!("publish - {out} m{i}").as_bytes())
             .await?;
     }
-    // Cut warren's connection as a broker restart would, mid-stream.
-    let closed = kill_connections(&format!("warren/{name}")).await?;
+    // Cut warren's connection as a broker restart would, mid-stream. The
+    // management API lists a new connection only after its next stats
+    // refresh (seconds), so ask until it shows up.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let closed = loop {
+        let closed = kill_connections(&format!("warren/{name}")).await?;
+        if closed > 0 || tokio::time::Instant::now() >= deadline {
+            break closed;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert_eq!(closed, 1, "warren holds one connection per pipeline");
     for i in n / 2..n {
         client
