@@ -355,6 +355,7 @@ impl Work {
         let span = tracing::info_span!(
             "message",
             pipeline = %p.info.name,
+            queue = %p.config.queue,
             plugin = plugin.name(),
             version = plugin.version(),
             attempt = env.attempt,
