@@ -162,9 +162,12 @@ impl Reloader {
         state.missing = false;
         self.metrics.plugin_missing.store(false, Ordering::Relaxed);
         let (loader, path) = (self.loader.clone(), self.path.clone());
+        // A file already reported as broken is not compiled again when an
+        // unrelated event in its directory makes us re-read it.
+        let known_bad = state.last_failed_digest.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let digest = digest_of(&bytes);
-            if digest == current.digest() {
+            if digest == current.digest() || known_bad.as_deref() == Some(digest.as_str()) {
                 return (digest, None);
             }
             let loaded = loader.load_bytes(&path, &bytes);
@@ -178,12 +181,12 @@ impl Reloader {
             }
         };
         let Some(loaded) = loaded else {
-            return ReloadResult::Unchanged;
+            return if state.last_failed_digest.as_deref() == Some(digest.as_str()) {
+                ReloadResult::Failed("unchanged broken file".into())
+            } else {
+                ReloadResult::Unchanged
+            };
         };
-        if state.last_failed_digest.as_deref() == Some(digest.as_str()) {
-            // Already reported; an unrelated event re-read the same broken file.
-            return ReloadResult::Failed("unchanged broken file".into());
-        }
         match loaded {
             Ok(plugin) => {
                 state.last_failed_digest = None;
