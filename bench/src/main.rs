@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
+use tracing_subscriber::fmt::writer::MakeWriterExt;
 use warren_bench::machine::Machine;
 use warren_bench::{Options, Report, Scenario, amqp, baseline};
 
@@ -120,11 +121,14 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // warren runs in this process with the filter `warren run` uses by default
+    // (info), so the per-message span costs what it costs users; only warnings
+    // and errors are printed, to keep the table readable.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr.with_max_level(tracing::Level::WARN))
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {

@@ -2,6 +2,11 @@
 //! call + drop, exactly what warren does for each delivery, for the no-op
 //! plugin and for `thumbnail` on a fixed 640x400 PNG (to show that real plugin
 //! work dominates).
+//!
+//! For scale, the same cycle for the smallest possible component (one core
+//! module with one memory page and no imports) on warren's own engine: the
+//! floor of a fresh wasmtime instance per message on this machine, which no
+//! plugin can go below.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -32,7 +37,8 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
     let (noop_path, thumb_path) = (opts.plugin("noop"), opts.plugin("thumbnail"));
     let budget = opts.duration / 2;
     let size = opts.size;
-    let (noop, thumb) = tokio::task::spawn_blocking(move || {
+    let (noop, thumb, floor) = tokio::task::spawn_blocking(move || {
+        let floor = floor(loader.runtime().engine(), budget)?;
         let noop = loader.load(&noop_path)?;
         let thumb = loader.load(&thumb_path)?;
         let n = measure(&noop, message(amqp::body(size)), budget, WARMUP, |o| {
@@ -45,7 +51,7 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
             3,
             |o| matches!(o, Outcome::Publish(v) if v.len() == 1),
         )?;
-        anyhow::Ok((n, t))
+        anyhow::Ok((n, t, floor))
     })
     .await
     .context("the measuring thread panicked")??;
@@ -64,10 +70,64 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
             "µs",
             noop.p99,
         ),
+        Row::new(
+            "4 overhead",
+            "floor: smallest component, same cycle, p50",
+            "µs",
+            floor.p50,
+        )
+        .compare(format!("no-op = floor + {:.2} µs", noop.p50 - floor.p50)),
         Row::new("4 overhead", "thumbnail 640x400 PNG p50", "µs", thumb.p50)
             .compare(format!("no-op = {share:.2}% of it")),
         Row::new("4 overhead", "thumbnail 640x400 PNG p99", "µs", thumb.p99),
     ])
+}
+
+/// The smallest component worth the name: no imports, one memory page, one
+/// exported function returning a number.
+const FLOOR_WAT: &str = r#"(component
+  (core module $m
+    (memory (export "memory") 1)
+    (func (export "run") (result i32) i32.const 0))
+  (core instance $i (instantiate $m))
+  (func (export "run") (result u32) (canon lift (core func $i "run"))))"#;
+
+/// Store + instantiate + call + drop of [`FLOOR_WAT`] on `engine`, per call µs.
+fn floor(engine: &wasmtime::Engine, budget: Duration) -> Result<Summary> {
+    use wasmtime::component::{Component, Linker};
+    let component = Component::new(engine, FLOOR_WAT)
+        .map_err(anyhow::Error::from)
+        .context("compiling the floor component")?;
+    let pre = Linker::<()>::new(engine)
+        .instantiate_pre(&component)
+        .map_err(anyhow::Error::from)
+        .context("preparing the floor component")?;
+    let once = || -> Result<u32> {
+        let mut store = wasmtime::Store::new(engine, ());
+        // warren's engine interrupts by epoch; a store starts at deadline 0.
+        store.set_epoch_deadline(1_000_000);
+        let instance = pre.instantiate(&mut store).map_err(anyhow::Error::from)?;
+        let run = instance
+            .get_typed_func::<(), (u32,)>(&mut store, "run")
+            .map_err(anyhow::Error::from)?;
+        let (n,) = run.call(&mut store, ()).map_err(anyhow::Error::from)?;
+        Ok(n)
+    };
+    for _ in 0..WARMUP {
+        once()?;
+    }
+    let mut samples = Vec::new();
+    let end = Instant::now() + budget;
+    while samples.len() < MAX_CALLS && (Instant::now() < end || samples.len() < 10) {
+        let start = Instant::now();
+        let n = once()?;
+        let took = start.elapsed();
+        if n != 0 {
+            bail!("the floor component returned {n}");
+        }
+        samples.push(micros(took));
+    }
+    Ok(summarize(samples))
 }
 
 /// A message as warren builds it from a delivery.
@@ -123,8 +183,11 @@ fn measure(
     while samples.len() < MAX_CALLS && (Instant::now() < end || samples.len() < 10) {
         let start = Instant::now();
         let inv = plugin.invoke(&msg, config.clone(), pipeline.clone(), limits);
+        let good = matches!(&inv.result, Ok(o) if ok(o));
+        // Releasing the instance is part of the cost, wherever warren does it.
+        drop(inv);
         let took = start.elapsed();
-        if !matches!(&inv.result, Ok(o) if ok(o)) {
+        if !good {
             bail!("{} failed during measurement", plugin.name());
         }
         samples.push(micros(took));

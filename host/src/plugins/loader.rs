@@ -21,6 +21,8 @@ pub struct LoadedPlugin {
     name: String,
     path: PathBuf,
     digest: String,
+    /// `version()`, shared with every invocation's log context.
+    version: Arc<str>,
     pre: PluginPre<HostState>,
     compile_time: Duration,
     source: CacheOutcome,
@@ -106,10 +108,12 @@ impl LoadedPlugin {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin".into());
+        let version = digest.get(..12).unwrap_or(&digest).into();
         Ok(Self {
             name,
             path: path.to_path_buf(),
             digest,
+            version,
             pre,
             compile_time: start.elapsed(),
             source,
@@ -139,7 +143,7 @@ impl LoadedPlugin {
 
     /// Short version: the first 12 hex digits of the digest.
     pub fn version(&self) -> &str {
-        self.digest.get(..12).unwrap_or(&self.digest)
+        &self.version
     }
 
     /// How long loading took (compiling, or reading the cache, plus checking).
@@ -148,7 +152,8 @@ impl LoadedPlugin {
     }
 
     /// Run `handle` once in a fresh instance. Blocking: call it off the async
-    /// executor (`spawn_blocking`).
+    /// executor. The instance is released when the returned [`Invocation`] is
+    /// dropped, so a caller can act on the outcome first.
     pub fn invoke(
         &self,
         msg: &Message,
@@ -158,7 +163,7 @@ impl LoadedPlugin {
     ) -> Invocation {
         let log = crate::runtime::LogContext {
             pipeline,
-            plugin_version: self.version().into(),
+            plugin_version: self.version.clone(),
         };
         crate::runtime::invoke(&self.pre, msg, config, log, limits)
     }

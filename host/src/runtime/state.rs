@@ -22,13 +22,41 @@ pub(crate) struct LogContext {
 }
 
 pub(crate) struct HostState {
-    wasi: WasiCtx,
+    /// Built on the plugin's first WASI call: a no-op Rust plugin makes none,
+    /// and building the context (clocks, random, stdio) costs about a tenth of
+    /// such a plugin's whole instantiate + call + drop.
+    wasi: Option<Wasi>,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     config: Arc<BTreeMap<String, String>>,
     log: LogContext,
+}
+
+struct Wasi {
+    ctx: WasiCtx,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
+}
+
+impl Wasi {
+    fn new() -> Self {
+        let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        // No preopens, no env, no args, no network: the builder grants none of them
+        // unless asked. Clocks and random stay available.
+        let ctx = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            ctx,
+            stdout,
+            stderr,
+        }
+    }
 }
 
 impl HostState {
@@ -37,25 +65,12 @@ impl HostState {
         log: LogContext,
         memory_bytes: usize,
     ) -> Self {
-        let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-        let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-        // No preopens, no env, no args, no network: the builder grants none of them
-        // unless asked. Clocks and random stay available.
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
         Self {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_bytes),
             config,
             log,
-            stdout,
-            stderr,
         }
     }
 
@@ -64,13 +79,14 @@ impl HostState {
     /// becomes part of the failure reason, which ends up in DLQ headers where
     /// a wasm backtrace would say nothing.
     pub(crate) fn crash_message(&self) -> Option<String> {
-        let bytes = self.stderr.contents();
+        let bytes = self.wasi.as_ref()?.stderr.contents();
         crash_message(&String::from_utf8_lossy(&bytes))
     }
 
     /// Forward what the plugin printed to the log, line by line.
     pub(crate) fn flush_output(&self) {
-        for (stream, pipe) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+        let Some(wasi) = &self.wasi else { return };
+        for (stream, pipe) in [("stdout", &wasi.stdout), ("stderr", &wasi.stderr)] {
             let bytes = pipe.contents();
             if bytes.is_empty() {
                 continue;
@@ -93,7 +109,7 @@ impl HostState {
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: &mut self.wasi.get_or_insert_with(Wasi::new).ctx,
             table: &mut self.table,
         }
     }
