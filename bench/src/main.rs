@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
-use tracing_subscriber::fmt::writer::MakeWriterExt;
 use warren_bench::machine::Machine;
 use warren_bench::{Options, Report, Scenario, amqp, baseline};
 
@@ -121,16 +120,23 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     // warren runs in this process with the filter `warren run` uses by default
-    // (info), so the per-message span costs what it costs users; only warnings
-    // and errors are printed, to keep the table readable.
+    // (info), so its logging costs what it costs users. Its lines go to a file:
+    // the isolation scenario alone makes it warn about hundreds of timeouts.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr.with_max_level(tracing::Level::WARN))
-        .init();
-    let cli = Cli::parse();
+    let log_file = matches!(cli.command, Cmd::Run(_))
+        .then(|| std::fs::File::create(std::env::temp_dir().join("warren-bench.log")).ok())
+        .flatten();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(f) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

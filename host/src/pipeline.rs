@@ -42,7 +42,7 @@ use crate::config::PipelineConfig;
 use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp};
 use crate::envelope::Envelope;
 use crate::ops::PipelineMetrics;
-use crate::plugins::PluginSlot;
+use crate::plugins::{LoadedPlugin, PluginSlot};
 use crate::retry::RetryTiers;
 use crate::runtime::InvokeLimits;
 
@@ -220,6 +220,12 @@ impl Pipeline {
     }
 }
 
+/// What a message's INFO and WARN log lines name, besides the pipeline.
+struct About {
+    plugin: Arc<LoadedPlugin>,
+    attempt: u32,
+}
+
 /// A delivery on its way through a worker.
 struct Job {
     delivery: Delivery,
@@ -292,7 +298,15 @@ impl Work {
                 if self.finished.load(Ordering::Relaxed) {
                     return;
                 }
-                self.runtime.block_on(consumer.next())
+                let next = self.runtime.block_on(consumer.next());
+                if !matches!(next, Some(Ok(_))) {
+                    // Marked before the lock is released: a worker that took
+                    // the lock next would otherwise wait on a stream that has
+                    // already ended, and hold up the shutdown until the
+                    // connection closes.
+                    self.finished.store(true, Ordering::Relaxed);
+                }
+                next
             };
             let delivery = match next {
                 Some(Ok(d)) => d,
@@ -320,10 +334,15 @@ impl Work {
 
     /// The consumer ended: stop every worker, and the session if it still runs.
     fn end(&self, reason: String) {
-        if !self.finished.swap(true, Ordering::Relaxed) {
-            if let Ok(mut r) = self.end_reason.lock() {
-                *r = Some(reason);
-            }
+        self.finished.store(true, Ordering::Relaxed);
+        let first = {
+            let mut r = self
+                .end_reason
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            r.is_none() && r.replace(reason).is_none()
+        };
+        if first {
             self.ended.notify_one();
         }
     }
@@ -352,7 +371,11 @@ impl Work {
             delivery.routing_key.as_str(),
             &p.config.queue,
         );
-        let span = tracing::info_span!(
+        // The span is DEBUG: at the default level a plain ack logs nothing, and
+        // building and formatting a span for every message cost several µs of
+        // CPU each. The events that are logged at INFO and above carry the
+        // same fields themselves (`About`).
+        let span = tracing::debug_span!(
             "message",
             pipeline = %p.info.name,
             queue = %p.config.queue,
@@ -362,6 +385,10 @@ impl Work {
             outcome = field::Empty,
         );
         let entered = span.enter();
+        let about = About {
+            plugin: plugin.clone(),
+            attempt: env.attempt,
+        };
         let message = env.to_message(delivery.data);
         let invocation = plugin.invoke(
             &message,
@@ -372,7 +399,15 @@ impl Work {
         p.metrics.observe_handle(invocation.elapsed);
         if let Err(failure) = &invocation.result {
             p.metrics.failure(failure.kind());
-            tracing::warn!(failure = %failure, "plugin call failed");
+            tracing::warn!(
+                pipeline = %p.info.name,
+                queue = %p.config.queue,
+                plugin = plugin.name(),
+                version = plugin.version(),
+                attempt = env.attempt,
+                failure = %failure,
+                "plugin call failed"
+            );
         }
         let plan = disposition::decide(
             &p.info,
@@ -390,7 +425,7 @@ impl Work {
             },
         );
         if plan.publications.is_empty() {
-            p.settled(&plan);
+            p.settled(&plan, &about);
             settle.ack();
             drop(in_flight);
             return;
@@ -399,7 +434,7 @@ impl Work {
         let work = self.clone();
         let mut task = Box::pin(
             async move {
-                work.publish_and_settle(plan, settle).await;
+                work.publish_and_settle(plan, settle, &about).await;
                 drop(in_flight);
             }
             .instrument(span.clone()),
@@ -417,7 +452,7 @@ impl Work {
     }
 
     /// Publish the plan's effects; ack once all are confirmed, else requeue.
-    async fn publish_and_settle(&self, mut plan: Plan, settle: SettleGuard) {
+    async fn publish_and_settle(&self, mut plan: Plan, settle: SettleGuard, about: &About) {
         let p = &self.pipeline;
         let published = async {
             if !self.publisher.usable() {
@@ -438,12 +473,20 @@ impl Work {
         .await;
         match published {
             Ok(()) => {
-                p.settled(&plan);
+                p.settled(&plan, about);
                 settle.ack();
             }
             Err(e) => {
                 tracing::Span::current().record("outcome", "requeue");
-                tracing::warn!(error = %format!("{e:#}"), "effects not confirmed; requeueing the message");
+                tracing::warn!(
+                    pipeline = %p.info.name,
+                    queue = %p.config.queue,
+                    plugin = about.plugin.name(),
+                    version = about.plugin.version(),
+                    attempt = about.attempt,
+                    error = %format!("{e:#}"),
+                    "effects not confirmed; requeueing the message"
+                );
                 p.metrics.requeued.fetch_add(1, Ordering::Relaxed);
                 if !self.publisher.usable() {
                     self.broken.notify_one();
@@ -456,10 +499,19 @@ impl Work {
 
 impl Pipeline {
     /// Record a delivery whose effects are all confirmed (it is acked next).
-    fn settled(&self, plan: &Plan) {
+    fn settled(&self, plan: &Plan, about: &About) {
         tracing::Span::current().record("outcome", plan.disposition.label());
         if let Some(reason) = &plan.reason {
-            tracing::info!(reason = %reason, "{}", plan.disposition.label());
+            tracing::info!(
+                pipeline = %self.info.name,
+                queue = %self.config.queue,
+                plugin = about.plugin.name(),
+                version = about.plugin.version(),
+                attempt = about.attempt,
+                reason = %reason,
+                "{}",
+                plan.disposition.label()
+            );
         } else {
             tracing::debug!("{}", plan.disposition.label());
         }

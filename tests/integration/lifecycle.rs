@@ -94,3 +94,37 @@ async fn shutdown_lets_in_flight_messages_finish() -> anyhow::Result<()> {
     assert_eq!(client.depth(&q).await?, 4);
     Ok(())
 }
+
+#[tokio::test]
+async fn shutdown_after_a_drain_does_not_wait_out_the_grace() -> anyhow::Result<()> {
+    // At shutdown every worker of a pipeline must see that the consumer has
+    // ended. A worker that started waiting on the ended stream would hold the
+    // stop until the grace ran out; it is a race between the workers, so it
+    // gets several chances to show.
+    let client = Client::connect().await?;
+    for round in 0..6 {
+        let q = unique("quiet-stop");
+        let name = unique("quiet-stop-pipeline");
+        let mut cfg = config(&pipeline(
+            &name,
+            &q,
+            "noop",
+            "concurrency = 4\nprefetch = 64\n",
+        ))?;
+        cfg.ops.shutdown_grace_ms = 120_000;
+        let warren = start(cfg).await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        for _ in 0..300 {
+            client.send(&q, b"x").await?;
+        }
+        eventually(WAIT, || m.outcome_count(Disposition::Ack) == 300).await?;
+        let stopping = std::time::Instant::now();
+        warren.shutdown().await;
+        let took = stopping.elapsed();
+        assert!(
+            took < WAIT,
+            "round {round}: stopping an idle pipeline took {took:?}, as if a worker waited out the grace"
+        );
+    }
+    Ok(())
+}
