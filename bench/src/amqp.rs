@@ -12,7 +12,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren::config::PipelineConfig;
 use warren::retry::{RetryTiers, tier_queue};
 
@@ -157,71 +156,7 @@ pub fn body(size: usize) -> Vec<u8> {
 }
 
 /// `GET path` on `http://host:port` with optional basic auth; returns status
-/// and body. Enough HTTP for the management API and warren's ops endpoint.
+/// and body (the test suite's helper).
 pub async fn http_get(base: &str, path: &str, auth: Option<(&str, &str)>) -> Result<(u16, String)> {
-    let hostport = base
-        .strip_prefix("http://")
-        .context("only http:// URLs are supported")?
-        .trim_end_matches('/');
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(hostport),
-    )
-    .await
-    .context("connect timed out")??;
-    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\n");
-    if let Some((u, p)) = auth {
-        req.push_str(&format!(
-            "Authorization: Basic {}\r\n",
-            base64(format!("{u}:{p}").as_bytes())
-        ));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
-        .await
-        .context("read timed out")??;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed HTTP response")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(super::base64(b"guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
-        assert_eq!(super::base64(b"ab"), "YWI=");
-        assert_eq!(super::base64(b"abc"), "YWJj");
-    }
+    warren_tests::http("GET", base, path, auth).await
 }

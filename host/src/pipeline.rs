@@ -35,7 +35,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
-use tracing::{Instrument, field};
+use tracing::{Instrument, Level, field};
 
 use crate::broker::{self, Publisher, SettleGuard, Settler};
 use crate::config::PipelineConfig;
@@ -45,6 +45,22 @@ use crate::ops::PipelineMetrics;
 use crate::plugins::{LoadedPlugin, PluginSlot};
 use crate::retry::RetryTiers;
 use crate::runtime::InvokeLimits;
+
+/// An event about one message (`$about`) of pipeline `$p`, carrying the fields
+/// that identify it: the per-message span that also has them is DEBUG.
+macro_rules! message_event {
+    ($level:expr, $p:expr, $about:expr, $($rest:tt)+) => {
+        tracing::event!(
+            $level,
+            pipeline = %$p.info.name,
+            queue = %$p.config.queue,
+            plugin = $about.plugin.name(),
+            version = $about.plugin.version(),
+            attempt = $about.attempt,
+            $($rest)+
+        )
+    };
+}
 
 /// Longest pause between reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
@@ -399,15 +415,7 @@ impl Work {
         p.metrics.observe_handle(invocation.elapsed);
         if let Err(failure) = &invocation.result {
             p.metrics.failure(failure.kind());
-            tracing::warn!(
-                pipeline = %p.info.name,
-                queue = %p.config.queue,
-                plugin = plugin.name(),
-                version = plugin.version(),
-                attempt = env.attempt,
-                failure = %failure,
-                "plugin call failed"
-            );
+            message_event!(Level::WARN, p, about, failure = %failure, "plugin call failed");
         }
         let plan = disposition::decide(
             &p.info,
@@ -478,12 +486,10 @@ impl Work {
             }
             Err(e) => {
                 tracing::Span::current().record("outcome", "requeue");
-                tracing::warn!(
-                    pipeline = %p.info.name,
-                    queue = %p.config.queue,
-                    plugin = about.plugin.name(),
-                    version = about.plugin.version(),
-                    attempt = about.attempt,
+                message_event!(
+                    Level::WARN,
+                    p,
+                    about,
                     error = %format!("{e:#}"),
                     "effects not confirmed; requeueing the message"
                 );
@@ -502,12 +508,10 @@ impl Pipeline {
     fn settled(&self, plan: &Plan, about: &About) {
         tracing::Span::current().record("outcome", plan.disposition.label());
         if let Some(reason) = &plan.reason {
-            tracing::info!(
-                pipeline = %self.info.name,
-                queue = %self.config.queue,
-                plugin = about.plugin.name(),
-                version = about.plugin.version(),
-                attempt = about.attempt,
+            message_event!(
+                Level::INFO,
+                self,
+                about,
                 reason = %reason,
                 "{}",
                 plan.disposition.label()

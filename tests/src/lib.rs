@@ -358,22 +358,44 @@ pub fn mgmt_url() -> String {
     std::env::var("WARREN_TEST_MGMT_URL").unwrap_or_else(|_| "http://127.0.0.1:15682".into())
 }
 
-/// One plain HTTP/1.1 request to the management API (guest/guest); returns
-/// status and body. Enough for the two calls the tests need, without an HTTP
-/// client dependency.
+/// A request to the test broker's management API (guest/guest).
 pub async fn mgmt(method: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let base = mgmt_url();
-    let host = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut stream = tokio::net::TcpStream::connect(host)
+    http(method, &mgmt_url(), path, Some(("guest", "guest")))
         .await
-        .with_context(|| format!("connecting to the management API at {host}"))?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
+        .context("calling the management API")
+}
+
+/// One plain HTTP/1.0 request to `base` (`http://host:port`) with optional
+/// basic auth; returns status and body. HTTP/1.0, so the body is never
+/// chunked. Enough for the management API and warren's ops endpoint, without
+/// an HTTP client dependency (the benchmarks use it too).
+pub async fn http(
+    method: &str,
+    base: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LIMIT: Duration = Duration::from_secs(5);
+    let host = base
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?
+        .trim_end_matches('/');
+    let mut stream = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(host))
+        .await
+        .with_context(|| format!("connecting to {host} timed out"))?
+        .with_context(|| format!("connecting to {host}"))?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n");
+    if let Some((user, password)) = auth {
+        let token = base64(format!("{user}:{password}").as_bytes());
+        req.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    req.push_str("\r\n");
     stream.write_all(req.as_bytes()).await?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .with_context(|| format!("reading the answer of {host}{path} timed out"))??;
     let text = String::from_utf8_lossy(&raw);
     let status = text
         .split_whitespace()
@@ -385,6 +407,27 @@ pub async fn mgmt(method: &str, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Force-close every broker connection whose name starts with `prefix`, as a
@@ -424,4 +467,14 @@ pub async fn kill_connections(prefix: &str) -> Result<usize> {
         closed += 1;
     }
     Ok(closed)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(super::base64(b"guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b"abc"), "YWJj");
+    }
 }
