@@ -21,10 +21,12 @@
 //! a plain ack, and one pipeline's calls never wait for another's threads.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Waker};
+use std::task::{Context as TaskContext, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -242,6 +244,72 @@ struct About {
     attempt: u32,
 }
 
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A task polled first on the calling thread and handed to the async runtime
+/// only once something wakes it.
+struct Parked {
+    runtime: Handle,
+    state: Mutex<ParkedState>,
+}
+
+struct ParkedState {
+    /// The task, once its first poll left it waiting.
+    task: Option<Task>,
+    /// It was woken, possibly before it was stored here.
+    woken: bool,
+}
+
+impl Parked {
+    fn start(runtime: &Handle, mut task: Task) {
+        let parked = Arc::new(Self {
+            runtime: runtime.clone(),
+            state: Mutex::new(ParkedState {
+                task: None,
+                woken: false,
+            }),
+        });
+        let waker = Waker::from(parked.clone());
+        let _in_runtime = runtime.enter();
+        if task
+            .as_mut()
+            .poll(&mut TaskContext::from_waker(&waker))
+            .is_ready()
+        {
+            return;
+        }
+        let mut state = parked.lock();
+        if state.woken {
+            drop(state);
+            runtime.spawn(task);
+        } else {
+            state.task = Some(task);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkedState> {
+        // Nothing panics while holding it; a poisoned state is still whole.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Wake for Parked {
+    fn wake(self: Arc<Self>) {
+        let task = {
+            let mut state = self.lock();
+            state.woken = true;
+            state.task.take()
+        };
+        // Later wakes find the task gone: the runtime polls it from then on
+        // with wakers of its own. If nothing ever wakes it (the channel went
+        // away with the confirm), dropping the waker drops the task, and its
+        // settle guard requeues the delivery.
+        if let Some(task) = task {
+            self.runtime.spawn(task);
+        }
+    }
+}
+
 /// A delivery on its way through a worker.
 struct Job {
     delivery: Delivery,
@@ -440,7 +508,7 @@ impl Work {
         }
         drop(entered);
         let work = self.clone();
-        let mut task = Box::pin(
+        let task = Box::pin(
             async move {
                 work.publish_and_settle(plan, settle, &about).await;
                 drop(in_flight);
@@ -450,13 +518,11 @@ impl Work {
         // Start publishing on this thread: the first poll queues the first
         // publication's frames and wakes lapin's I/O thread, so an RPC reply
         // leaves now rather than after a runtime thread has picked the task up.
-        // Waiting for the confirms and settling continue on the runtime (a
-        // spawned task is always polled, so the no-op waker loses nothing).
-        let _in_runtime = self.runtime.enter();
-        let mut cx = TaskContext::from_waker(Waker::noop());
-        if task.as_mut().poll(&mut cx).is_pending() {
-            self.runtime.spawn(task);
-        }
+        // Waiting for the confirms and settling continue on the runtime, from
+        // when the broker's confirm wakes the task: spawned now, it would
+        // wake a runtime thread only to find it still waiting, a wake-up that
+        // competes with the reply for the CPU.
+        Parked::start(&self.runtime, task);
     }
 
     /// Publish the plan's effects; ack once all are confirmed, else requeue.
