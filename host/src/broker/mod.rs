@@ -67,13 +67,12 @@ fn tls_config(broker: &BrokerConfig) -> Result<OwnedTLSConfig> {
 
 /// A failed TLS handshake surfaces as an I/O error carrying rustls's reason;
 /// on its own ("invalid peer certificate: UnknownIssuer") it does not say
-/// which setting to look at, so say it.
+/// which setting to look at, so say it. The reason is kept as text: lapin's
+/// error around it would print it twice.
 fn explain(err: lapin::Error, broker: &BrokerConfig) -> anyhow::Error {
-    let hint = tls_failure(&err).map(|e| tls_hint(e, broker));
-    let err = anyhow::Error::new(err);
-    match hint {
-        Some(hint) => err.context(hint),
-        None => err,
+    match tls_failure(&err) {
+        Some(tls) => anyhow::anyhow!("{tls}").context(tls_hint(tls, broker)),
+        None => anyhow::Error::new(err),
     }
 }
 
