@@ -14,6 +14,7 @@
 # Env: CARGO_TARGET_DIR          build output (default $HOME/.cache/warren/target)
 #      WARREN_TEST_BROKER_PORT   AMQP port of the test broker (default 5682;
 #                                management API = port + 10000)
+#      WARREN_TEST_BROKER_TLS_PORT  its AMQP-over-TLS port (default AMQP port + 1)
 #      WARREN_TEST_BROKER_DIR    its state directory (default <repo>/.broker/test)
 #      WARREN_PLUGIN_DIR         where plugins are built (default <repo>/plugins/dist)
 set -euo pipefail
@@ -24,6 +25,7 @@ cd "$repo"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/warren/target}
 export WARREN_PLUGIN_DIR=${WARREN_PLUGIN_DIR:-$repo/plugins/dist}
 export BROKER_PORT=${WARREN_TEST_BROKER_PORT:-5682}
+export BROKER_TLS_PORT=${WARREN_TEST_BROKER_TLS_PORT:-$((BROKER_PORT + 1))}
 export BROKER_DIR=${WARREN_TEST_BROKER_DIR:-$repo/.broker/test}
 broker=$repo/scripts/broker.sh
 
@@ -80,9 +82,9 @@ step "building plugins into $WARREN_PLUGIN_DIR"
 bash "$repo/scripts/build-plugins.sh" || die "building the plugins failed"
 
 # --- broker -----------------------------------------------------------------
-step "RabbitMQ test broker on port $BROKER_PORT ($BROKER_DIR)"
-if installed rabbitmq-server curl; then
-  echo "rabbitmq-server and curl already installed" >&2
+step "RabbitMQ test broker on port $BROKER_PORT, TLS on $BROKER_TLS_PORT ($BROKER_DIR)"
+if installed rabbitmq-server curl openssl; then
+  echo "rabbitmq-server, curl and openssl already installed" >&2
 else
   as_root "$broker" install || die "installing rabbitmq-server failed"
 fi
@@ -106,8 +108,12 @@ fi
 broker_url=$("$broker" start) || die "the test broker did not start (logs: $BROKER_DIR/log)"
 export WARREN_TEST_BROKER_URL=$broker_url
 export WARREN_TEST_MGMT_URL=http://127.0.0.1:$((BROKER_PORT + 10000))
+# The throwaway CA that signed the broker's certificate; client.pem/client.key beside it.
+WARREN_TEST_TLS_URL=$("$broker" tls-url) || die "no TLS URL for the test broker"
+export WARREN_TEST_TLS_URL WARREN_TEST_TLS_CA=$BROKER_DIR/tls/ca.pem
 echo "WARREN_TEST_BROKER_URL=$WARREN_TEST_BROKER_URL" >&2
 echo "WARREN_TEST_MGMT_URL=$WARREN_TEST_MGMT_URL (guest/guest)" >&2
+echo "WARREN_TEST_TLS_URL=$WARREN_TEST_TLS_URL (CA: $WARREN_TEST_TLS_CA)" >&2
 
 # --- tests ------------------------------------------------------------------
 step "cargo test --workspace $*"

@@ -1,16 +1,23 @@
 //! The `warren.toml` configuration: serde structs, defaults and validation.
 //!
 //! Unknown fields are rejected everywhere so a typo is an error, not a silently
-//! ignored setting. Relative plugin paths are resolved against the directory of
-//! the config file. `WARREN_BROKER_URL` overrides `broker.url`.
+//! ignored setting. Relative paths (plugins, the cache directory, TLS files) are
+//! resolved against the directory of the config file. `WARREN_BROKER_URL`
+//! overrides `broker.url`; validation runs after the override, so the TLS
+//! settings are checked against the URL actually used.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+
+use crate::broker::redact;
 
 /// Environment variable that overrides `broker.url` (keeps credentials out of the file).
 pub const BROKER_URL_ENV: &str = "WARREN_BROKER_URL";
@@ -40,12 +47,26 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// AMQP URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; `amqps://` connects
+    /// with TLS (RabbitMQ's TLS port is usually 5671).
     #[serde(default = "default_broker_url")]
     pub url: String,
     /// First delay before reconnecting after the broker goes away; doubles up to 30 s.
     #[serde(default = "default_reconnect_ms")]
     pub reconnect_delay_ms: u64,
+    /// `amqps://` only: PEM file with the CA certificate(s) that signed the broker's
+    /// certificate, trusted in addition to the system's roots. Needed for a private
+    /// CA; a broker with a publicly trusted certificate needs nothing.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// `amqps://` only: PEM file with warren's client certificate (and any
+    /// intermediates), for brokers that require mutual TLS. Needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// `amqps://` only: PEM file with the unencrypted private key of
+    /// `client_cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -53,8 +74,97 @@ impl Default for BrokerConfig {
         Self {
             url: default_broker_url(),
             reconnect_delay_ms: default_reconnect_ms(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
+}
+
+impl BrokerConfig {
+    /// Whether `url` asks for TLS (`amqps://`).
+    pub fn uses_tls(&self) -> bool {
+        self.url
+            .parse::<AMQPUri>()
+            .is_ok_and(|u| u.scheme == AMQPScheme::AMQPS)
+    }
+
+    /// Any TLS file configured?
+    fn has_tls_files(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some()
+    }
+
+    /// The URL parses, and the TLS files fit it and hold what they should.
+    fn validate(&self) -> Result<()> {
+        let uri: AMQPUri = self.url.parse().map_err(|e: String| {
+            // Neither the URL nor the parser's message (which quotes it) can be
+            // shown: a URL too broken to parse may not be redacted properly.
+            let e = e.replace(&self.url, "...");
+            anyhow!(
+                "broker.url is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost \
+                 or amqps://..."
+            )
+        })?;
+        if uri.scheme != AMQPScheme::AMQPS {
+            // A TLS setting on a plain URL would mean credentials and messages in
+            // clear text where the operator meant to encrypt: refuse it.
+            if self.has_tls_files() {
+                bail!(
+                    "broker.ca_file / client_cert_file / client_key_file are set, but broker.url {} \
+                     is not amqps://: use amqps:// (usually port 5671) to connect with TLS, or remove \
+                     the TLS settings",
+                    redact(&self.url)
+                );
+            }
+            return Ok(());
+        }
+        if let Some(ca) = &self.ca_file {
+            read_certificates(ca).context("broker.ca_file")?;
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                read_certificates(cert).context("broker.client_cert_file")?;
+                read_private_key(key).context("broker.client_key_file")?;
+            }
+            (Some(_), None) => {
+                bail!("broker.client_cert_file is set without broker.client_key_file")
+            }
+            (None, Some(_)) => {
+                bail!("broker.client_key_file is set without broker.client_cert_file")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Read a PEM file and check it holds at least one certificate.
+pub fn read_certificates(path: &Path) -> Result<String> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not a valid PEM file", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{} holds no certificate (expected PEM blocks starting with -----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(pem)
+}
+
+/// Read a PEM file and check it holds a private key.
+pub fn read_private_key(path: &Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&pem).with_context(|| {
+        format!(
+            "{} holds no usable private key (expected an unencrypted PEM key: \
+             BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)",
+            path.display()
+        )
+    })?;
+    Ok(pem)
 }
 
 /// `[ops]`
@@ -375,30 +485,44 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut config = Self::parse(&text, base)
-            .with_context(|| format!("in config file {}", path.display()))?;
+        let in_file = || format!("in config file {}", path.display());
+        let mut config = Self::parse_unvalidated(&text, base).with_context(in_file)?;
         if let Ok(url) = std::env::var(BROKER_URL_ENV)
             && !url.is_empty()
         {
             config.broker.url = url;
         }
+        config.validate().with_context(in_file)?;
         Ok(config)
     }
 
-    /// Parse TOML text; relative plugin paths are resolved against `base`.
+    /// Parse TOML text and validate; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self> {
-        let mut config: Config = toml::from_str(text).context("invalid TOML configuration")?;
-        for p in &mut config.pipelines {
-            if p.plugin.is_relative() {
-                p.plugin = base.join(&p.plugin);
-            }
-        }
-        if let Some(d) = &mut config.runtime.cache_dir
-            && d.is_relative()
-        {
-            *d = base.join(&*d);
-        }
+        let config = Self::parse_unvalidated(text, base)?;
         config.validate()?;
+        Ok(config)
+    }
+
+    fn parse_unvalidated(text: &str, base: &Path) -> Result<Self> {
+        let mut config: Config = toml::from_str(text).context("invalid TOML configuration")?;
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for p in &mut config.pipelines {
+            resolve(&mut p.plugin);
+        }
+        let b = &mut config.broker;
+        [
+            &mut config.runtime.cache_dir,
+            &mut b.ca_file,
+            &mut b.client_cert_file,
+            &mut b.client_key_file,
+        ]
+        .into_iter()
+        .flatten()
+        .for_each(resolve);
         Ok(config)
     }
 
@@ -407,6 +531,7 @@ impl Config {
         if self.pipelines.is_empty() {
             bail!("no [[pipeline]] configured: warren needs at least one");
         }
+        self.broker.validate()?;
         self.ops.listen_addr()?;
         let mut names = HashSet::new();
         let mut queues = HashSet::new();
@@ -471,5 +596,117 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::{Path, PathBuf};
+
+    use super::Config;
+
+    /// A throwaway self-signed CA certificate (no key is kept anywhere).
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBkTCCATegAwIBAgIURlntGpcGb+TuRIvFgSUoKdo3TAUwCgYIKoZIzj0EAwIw
+HTEbMBkGA1UEAwwSd2FycmVuLWNvbmZpZy10ZXN0MCAXDTI2MTEyNzE1MDMxMloY
+DzIxMjYxMTAzMTUwMzEyWjAdMRswGQYDVQQDDBJ3YXJyZW4tY29uZmlnLXRlc3Qw
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATqAGgnJ+IzD467O2J+WSJbC10usAIW
+huyWV59qd5SLL8+ZTUzZX6yXdRk2yw2DpbcCWzuQbPkWi8bR1EZtbvD1o1MwUTAd
+BgNVHQ4EFgQUjSd5shUglc+SDmh4PKCt6yko/8AwHwYDVR0jBBgwFoAUjSd5shUg
+lc+SDmh4PKCt6yko/8AwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF
+AiB0ThB5ajiXhX91LJ4pQRcOJ61vvtvSLdQ6pIFO2VZ68AIhALSH4PNeEDoXYFmX
+HaA345fM08VHGBV9qZxLPPMcJpRd
+-----END CERTIFICATE-----
+";
+
+    /// A fresh directory for one test's files.
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "warren-config-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn parse(broker: &str, base: &Path) -> Result<Config, String> {
+        let text = format!(
+            "[broker]\n{broker}\n[[pipeline]]\nname = \"p\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n"
+        );
+        Config::parse(&text, base).map_err(|e| format!("{e:#}"))
+    }
+
+    const TLS_URL: &str = "url = \"amqps://guest:secret@localhost:5671/%2f\"";
+
+    #[test]
+    fn tls_files_resolve_against_the_config_directory() {
+        let d = dir("resolve");
+        std::fs::write(d.join("ca.pem"), CA_PEM).unwrap();
+        let c = parse(&format!("{TLS_URL}\nca_file = \"ca.pem\""), &d).unwrap();
+        assert_eq!(c.broker.ca_file, Some(d.join("ca.pem")));
+        assert!(c.broker.uses_tls());
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_an_error_naming_it() {
+        let d = dir("missing");
+        let err = parse(&format!("{TLS_URL}\nca_file = \"nope/ca.pem\""), &d).unwrap_err();
+        assert!(err.contains("broker.ca_file"), "{err}");
+        assert!(
+            err.contains(&d.join("nope/ca.pem").display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_an_error() {
+        let d = dir("empty");
+        std::fs::write(d.join("ca.pem"), "not a certificate\n").unwrap();
+        let err = parse(&format!("{TLS_URL}\nca_file = \"ca.pem\""), &d).unwrap_err();
+        assert!(err.contains("holds no certificate"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_with_a_plain_url_are_refused() {
+        let d = dir("plain");
+        std::fs::write(d.join("ca.pem"), CA_PEM).unwrap();
+        let err = parse(
+            "url = \"amqp://guest:secret@localhost:5672/%2f\"\nca_file = \"ca.pem\"",
+            &d,
+        )
+        .unwrap_err();
+        assert!(err.contains("not amqps://"), "{err}");
+        assert!(!err.contains("secret"), "password leaked: {err}");
+    }
+
+    #[test]
+    fn client_certificate_and_key_come_together_and_are_checked() {
+        let d = dir("client");
+        std::fs::write(d.join("cert.pem"), CA_PEM).unwrap();
+        let err = parse(&format!("{TLS_URL}\nclient_cert_file = \"cert.pem\""), &d).unwrap_err();
+        assert!(err.contains("without broker.client_key_file"), "{err}");
+        // A certificate where the key should be.
+        let err = parse(
+            &format!("{TLS_URL}\nclient_cert_file = \"cert.pem\"\nclient_key_file = \"cert.pem\""),
+            &d,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("broker.client_key_file") && err.contains("no usable private key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_url_is_refused_without_its_password() {
+        let err = parse("url = \"amqps//guest:secret@host\"", Path::new(".")).unwrap_err();
+        assert!(err.contains("not an AMQP URL"), "{err}");
+        assert!(!err.contains("secret"), "password leaked: {err}");
     }
 }

@@ -183,7 +183,7 @@ pub async fn start(config: Config) -> Result<Running> {
         }
         let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm));
         tasks.push(tokio::spawn(pipeline.supervise(
-            config.broker.url.clone(),
+            config.broker.clone(),
             first_delay,
             grace,
             stop_rx.clone(),

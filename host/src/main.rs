@@ -114,7 +114,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             init_logging(cli.log_format, config.log.format);
-            tracing::info!(broker = %warren::broker::redact(&config.broker.url), pipelines = config.pipelines.len(), "starting warren");
+            tracing::info!(broker = %warren::broker::redact(&config.broker.url), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
             rt.block_on(warren::run(config, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -40,7 +40,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{Instrument, Level, field};
 
 use crate::broker::{self, Publisher, SettleGuard, Settler};
-use crate::config::PipelineConfig;
+use crate::config::{BrokerConfig, PipelineConfig};
 use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp};
 use crate::envelope::Envelope;
 use crate::ops::PipelineMetrics;
@@ -118,7 +118,7 @@ impl Pipeline {
     /// with backoff. Returns after in-flight messages are settled or `grace` ran out.
     pub async fn supervise(
         self: Arc<Self>,
-        url: String,
+        endpoint: BrokerConfig,
         first_delay: Duration,
         grace: Duration,
         mut stop: watch::Receiver<bool>,
@@ -133,11 +133,13 @@ impl Pipeline {
                 self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
             }
             sessions += 1;
-            match self.clone().session(&url, grace, stop.clone()).await {
+            match self.clone().session(&endpoint, grace, stop.clone()).await {
                 Ok(()) => return,
                 Err(e) => {
                     self.metrics.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(pipeline = %self.info.name, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "pipeline lost its broker session; reconnecting");
+                    let error = format!("{e:#}");
+                    tracing::warn!(pipeline = %self.info.name, error = %error, retry_in_ms = delay.as_millis() as u64, "pipeline lost its broker session; reconnecting");
+                    self.metrics.set_broker_error(Some(&error));
                 }
             }
             tokio::select! {
@@ -151,12 +153,12 @@ impl Pipeline {
     /// One connection's lifetime. `Ok` means a clean stop was requested.
     async fn session(
         self: Arc<Self>,
-        url: &str,
+        endpoint: &BrokerConfig,
         grace: Duration,
         mut stop: watch::Receiver<bool>,
     ) -> Result<()> {
         let name = &self.info.name;
-        let conn = broker::connect(url, name).await?;
+        let conn = broker::connect(endpoint, name).await?;
         let setup = conn.create_channel().await.context("opening a channel")?;
         broker::declare(&setup, &self.config, &self.info.tiers)
             .await
@@ -210,6 +212,7 @@ impl Pipeline {
             return Err(e);
         }
         self.metrics.connected.store(true, Ordering::Relaxed);
+        self.metrics.set_broker_error(None);
         tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), "consuming");
 
         let outcome: Result<()> = tokio::select! {

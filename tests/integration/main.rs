@@ -14,6 +14,7 @@ mod outcomes;
 mod polyglot;
 mod reload;
 mod rpc;
+mod tls;
 
 use std::path::Path;
 

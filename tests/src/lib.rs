@@ -3,7 +3,8 @@
 //! AMQP client (publish with confirms, get, consume, RPC) built on lapin.
 //!
 //! The broker and plugins come from `scripts/test.sh`, which exports
-//! `WARREN_TEST_BROKER_URL` and `WARREN_PLUGIN_DIR`.
+//! `WARREN_TEST_BROKER_URL`, `WARREN_TEST_TLS_URL`, `WARREN_TEST_TLS_CA` and
+//! `WARREN_PLUGIN_DIR`.
 
 // A failed expectation in a test should panic with its message: that is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,6 +28,30 @@ use warren::config::Config;
 pub fn broker_url() -> String {
     std::env::var("WARREN_TEST_BROKER_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
+}
+
+/// The test broker's TLS listener: its `amqps://` URL and the CA file that
+/// signed its certificate (`client.pem` and `client.key` beside it form a
+/// client certificate signed by the same CA). Panics when they are not set:
+/// a TLS test has nothing to test without them, and must not pass quietly.
+pub fn tls_broker() -> (String, PathBuf) {
+    let var =
+        |name: &str| {
+            std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+            panic!(
+                "{name} is not set: run the tests through scripts/test.sh, which starts the \
+                 test broker with a TLS listener and exports it"
+            )
+        })
+        };
+    let url = var("WARREN_TEST_TLS_URL");
+    let ca = PathBuf::from(var("WARREN_TEST_TLS_CA"));
+    assert!(
+        ca.is_file(),
+        "WARREN_TEST_TLS_CA {} is not a file",
+        ca.display()
+    );
+    (url, ca)
 }
 
 /// Path of a built plugin, e.g. `plugin("fib")`.
@@ -53,9 +78,13 @@ pub fn unique(prefix: &str) -> String {
 
 /// Build a config from `[[pipeline]]` TOML; broker and ops are filled in.
 pub fn config(pipelines_toml: &str) -> Result<Config> {
+    config_for(&broker_url(), "", pipelines_toml)
+}
+
+/// Same, for the broker at `url`, with `broker_toml` lines added to `[broker]`.
+pub fn config_for(url: &str, broker_toml: &str, pipelines_toml: &str) -> Result<Config> {
     let text = format!(
-        "[broker]\nurl = {:?}\nreconnect_delay_ms = 100\n[ops]\nlisten = \"\"\nshutdown_grace_ms = 5000\n{pipelines_toml}",
-        broker_url()
+        "[broker]\nurl = {url:?}\nreconnect_delay_ms = 100\n{broker_toml}\n[ops]\nlisten = \"\"\nshutdown_grace_ms = 5000\n{pipelines_toml}"
     );
     Config::parse(&text, std::path::Path::new("."))
 }
@@ -430,10 +459,14 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
-/// Force-close every broker connection whose name starts with `prefix`, as a
-/// broker restart or a network cut would. Returns how many were closed.
-pub async fn kill_connections(prefix: &str) -> Result<usize> {
-    let (status, body) = mgmt("GET", "/api/connections?columns=name,client_properties").await?;
+/// The management API's record of the connections whose name (the client's
+/// `connection_name`) starts with `prefix`.
+pub async fn connections(prefix: &str) -> Result<Vec<serde_json::Value>> {
+    let (status, body) = mgmt(
+        "GET",
+        "/api/connections?columns=name,client_properties,ssl,ssl_protocol,peer_cert_subject",
+    )
+    .await?;
     if status != 200 {
         bail!("listing connections: HTTP {status}: {body}");
     }
@@ -442,14 +475,24 @@ pub async fn kill_connections(prefix: &str) -> Result<usize> {
         [body.find('[').unwrap_or(0)..=body.rfind(']').unwrap_or(body.len().saturating_sub(1))];
     let conns: serde_json::Value =
         serde_json::from_str(json).context("parsing the connection list")?;
+    Ok(conns
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c["client_properties"]["connection_name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .cloned()
+        .collect())
+}
+
+/// Force-close every broker connection whose name starts with `prefix`, as a
+/// broker restart or a network cut would. Returns how many were closed.
+pub async fn kill_connections(prefix: &str) -> Result<usize> {
     let mut closed = 0;
-    for c in conns.as_array().into_iter().flatten() {
-        let named = c["client_properties"]["connection_name"]
-            .as_str()
-            .unwrap_or("");
-        if !named.starts_with(prefix) {
-            continue;
-        }
+    for c in connections(prefix).await? {
         let name = c["name"].as_str().unwrap_or("");
         let encoded: String = name
             .bytes()

@@ -43,6 +43,7 @@ pub struct PipelineMetrics {
     reloads: AtomicU64,
     reload_failures: AtomicU64,
     last_reload_error: RwLock<Option<String>>,
+    last_broker_error: RwLock<Option<String>>,
     cache: [AtomicU64; 4],
 }
 
@@ -135,6 +136,19 @@ impl PipelineMetrics {
         self.last_reload_error.read().ok().and_then(|g| g.clone())
     }
 
+    /// Why the last broker session failed (connecting, declaring, consuming);
+    /// `None` once a session is consuming again.
+    pub fn set_broker_error(&self, error: Option<&str>) {
+        if let Ok(mut g) = self.last_broker_error.write() {
+            *g = error.map(str::to_string);
+        }
+    }
+
+    /// The error of the last failed broker session, while none has succeeded since.
+    pub fn last_broker_error(&self) -> Option<String> {
+        self.last_broker_error.read().ok().and_then(|g| g.clone())
+    }
+
     /// Set the active plugin version label.
     pub fn set_plugin_version(&self, v: &str) {
         if let Ok(mut g) = self.plugin_version.write() {
@@ -188,6 +202,7 @@ impl Metrics {
                     "plugin_version": p.plugin_version(),
                     "plugin_file_missing": p.plugin_missing.load(Ordering::Relaxed),
                     "last_reload_error": p.last_reload_error(),
+                    "last_broker_error": p.last_broker_error(),
                 })
             })
             .collect();
