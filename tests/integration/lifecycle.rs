@@ -79,8 +79,10 @@ async fn shutdown_lets_in_flight_messages_finish() -> anyhow::Result<()> {
         .metrics()
         .pipeline("drain")
         .expect("pipeline metrics");
+    // Long enough that all four are seen running together even when the
+    // whole suite loads the machine (at 700 ms the test once missed it).
     for _ in 0..4 {
-        client.send(&q, b"sleep 700").await?;
+        client.send(&q, b"sleep 2500").await?;
     }
     for _ in 0..4 {
         client.send(&q, b"ack").await?;
