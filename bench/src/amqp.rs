@@ -86,19 +86,9 @@ pub async fn purge(conn: &Connection, queue: &str) -> Result<()> {
     Ok(())
 }
 
-/// Messages ready in `queue`.
+/// Messages ready in `queue` (the test suite's helper).
 pub async fn depth(conn: &Connection, queue: &str) -> Result<u32> {
-    let ch = conn.create_channel().await?;
-    let opts = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let q = ch
-        .queue_declare(queue.into(), opts, FieldTable::default())
-        .await
-        .with_context(|| format!("queue {queue} does not exist"))?;
-    let _ = ch.close(200, "ok".into()).await;
-    Ok(q.message_count())
+    warren_tests::queue_depth(conn, queue).await
 }
 
 /// Persistent properties, as a producer of durable work would send.

@@ -185,17 +185,7 @@ impl Client {
 
     /// Messages ready in `queue` (exact: a passive declare).
     pub async fn depth(&self, queue: &str) -> Result<u32> {
-        let ch = self.conn.create_channel().await?;
-        let opts = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let q = ch
-            .queue_declare(queue.into(), opts, FieldTable::default())
-            .await
-            .with_context(|| format!("queue {queue} does not exist"))?;
-        let _ = ch.close(200, "ok".into()).await;
-        Ok(q.message_count())
+        queue_depth(&self.conn, queue).await
     }
 
     /// Empty a queue.
@@ -385,6 +375,22 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> Resul
 /// Management API base URL of the test broker.
 pub fn mgmt_url() -> String {
     std::env::var("WARREN_TEST_MGMT_URL").unwrap_or_else(|_| "http://127.0.0.1:15682".into())
+}
+
+/// Messages ready in `queue` on `conn` (exact: a passive declare on a channel
+/// of its own, so a missing queue closes only that one).
+pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<u32> {
+    let ch = conn.create_channel().await?;
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), opts, FieldTable::default())
+        .await
+        .with_context(|| format!("queue {queue} does not exist"))?;
+    let _ = ch.close(200, "ok".into()).await;
+    Ok(q.message_count())
 }
 
 /// A request to the test broker's management API (guest/guest).
