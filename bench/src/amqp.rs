@@ -99,28 +99,28 @@ pub fn persistent() -> BasicProperties {
 /// Publish `n` copies of `body` to `queue` (default exchange, persistent) with
 /// publisher confirms, keeping a window of unconfirmed publishes in flight.
 pub async fn fill(conn: &Connection, queue: &str, n: u64, body: &[u8]) -> Result<()> {
-    fill_with(conn, queue, n, body, persistent()).await
+    fill_with(conn, queue, n, body, |_| persistent()).await
 }
 
-/// [`fill`] with explicit properties.
+/// [`fill`] with the properties of message `i` from `props(i)`.
 pub async fn fill_with(
     conn: &Connection,
     queue: &str,
     n: u64,
     body: &[u8],
-    props: BasicProperties,
+    mut props: impl FnMut(u64) -> BasicProperties,
 ) -> Result<()> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut pending = VecDeque::with_capacity(FILL_WINDOW);
-    for _ in 0..n {
+    for i in 0..n {
         let c = ch
             .basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
                 body,
-                props.clone(),
+                props(i),
             )
             .await?;
         pending.push_back(c);

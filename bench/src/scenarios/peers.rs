@@ -9,7 +9,6 @@
 //! every 20 ms; the prefetched window is a constant offset that does not change
 //! the rate.
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -17,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde_json::json;
@@ -150,10 +148,7 @@ async fn fill_celery(conn: &Connection, queue: &str, n: u64, size: usize) -> Res
         {},
         {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
     ]))?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut pending = VecDeque::new();
-    for i in 0..n {
+    amqp::fill_with(conn, queue, n, &body, |i| {
         let id = format!("bench-{i}");
         let text = |s: &str| AMQPValue::LongString(s.into());
         let mut h = FieldTable::default();
@@ -174,35 +169,13 @@ async fn fill_celery(conn: &Connection, queue: &str, n: u64, size: usize) -> Res
         h.insert("argsrepr".into(), text("('...',)"));
         h.insert("kwargsrepr".into(), text("{}"));
         h.insert("origin".into(), text("warren-bench"));
-        let props = BasicProperties::default()
+        BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_correlation_id(id.as_str().into())
             .with_delivery_mode(2)
             .with_priority(0)
-            .with_headers(h);
-        let c = ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?;
-        pending.push_back(c);
-        if pending.len() >= 1024
-            && let Some(c) = pending.pop_front()
-            && !c.await?.is_ack()
-        {
-            bail!("the broker refused a task message");
-        }
-    }
-    for c in pending {
-        if !c.await?.is_ack() {
-            bail!("the broker refused a task message");
-        }
-    }
-    let _ = ch.close(200, "filled".into()).await;
-    Ok(())
+            .with_headers(h)
+    })
+    .await
 }
