@@ -116,13 +116,24 @@ echo "WARREN_TEST_MGMT_URL=$WARREN_TEST_MGMT_URL (guest/guest)" >&2
 echo "WARREN_TEST_TLS_URL=$WARREN_TEST_TLS_URL (CA: $WARREN_TEST_TLS_CA)" >&2
 
 # --- tests ------------------------------------------------------------------
-step "cargo test --workspace $*"
+step "cargo test --workspace --no-fail-fast $*"
+# --no-fail-fast: one failing test binary must not keep the others from
+# running (and from reporting). cargo lists the failed binaries at the end;
+# the output is kept to repeat that list as one line.
+test_log=$(mktemp "${TMPDIR:-/tmp}/warren-test.XXXXXX")
 rc=0
-cargo test --workspace "$@" || rc=$?
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$test_log" || rc=$?
 echo >&2
 if [ "$rc" = 0 ]; then
   echo "test.sh: all checks passed in $((SECONDS - t_start))s" >&2
 else
-  echo "test.sh: cargo test failed (exit $rc) after $((SECONDS - t_start))s; broker logs: $BROKER_DIR/log" >&2
+  # cargo ends with "error: test failed, to rerun pass `-p pkg --test t`" for
+  # one failed binary, or "error: N targets failed:" and one "`-p pkg --test t`"
+  # per line for several.
+  failed=$(awk '/to rerun pass `/ {sub(/.*to rerun pass /, ""); gsub(/[` ]+/, " "); printf "%s;", $0; next}
+    /targets? failed:$/ {on=1; next} on && /^ +`/ {gsub(/[` ]+/, " "); printf "%s;", $0; next} on {on=0}' "$test_log" |
+    sed -e 's/^ *//' -e 's/ *; */; /g' -e 's/; $//')
+  echo "test.sh: cargo test failed (exit $rc) after $((SECONDS - t_start))s; failed test binaries: ${failed:-see the output above}; broker logs: $BROKER_DIR/log" >&2
 fi
+rm -f "$test_log"
 exit "$rc"

@@ -138,6 +138,12 @@ impl ChildGuard {
     pub fn rss(&self) -> Result<u64> {
         rss_of(self.child.id())
     }
+
+    /// Peak resident set size since the process started (`VmHWM`), in bytes:
+    /// the kernel keeps it, so no sampling period can miss the peak.
+    pub fn peak_rss(&self) -> Result<u64> {
+        status_kib(self.child.id(), "VmHWM:").map(|kib| kib * 1024)
+    }
 }
 
 impl Drop for ChildGuard {
@@ -149,15 +155,19 @@ impl Drop for ChildGuard {
 
 /// `VmRSS` of a process, in bytes.
 pub fn rss_of(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib: u64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/<pid>/status")?;
-    Ok(kib * 1024)
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// Poll `f` until it returns `Ok(true)` or `timeout` passes.

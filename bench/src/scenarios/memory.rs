@@ -3,7 +3,11 @@
 //!
 //! * idle: started on an empty queue;
 //! * draining a backlog with the no-op plugin (a fresh process per run: filling
-//!   while a consumer runs would keep the queue, and the memory, near empty);
+//!   while a consumer runs would keep the queue, and the memory, near empty).
+//!   The median is of samples taken while the backlog drains, plus one taken
+//!   when it has drained; the maximum is the process's own peak (`VmHWM`).
+//!   A fast machine can drain the whole backlog between two samples, so
+//!   neither may depend on a sample landing inside the drain;
 //! * holding a full prefetch window: the plugin (`spin`, with a long timeout,
 //!   one call at a time) keeps the first message, so `prefetch` deliveries sit
 //!   in the process unacked; the raw consumer simply never acks. The growth over
@@ -225,8 +229,12 @@ async fn profile(opts: &Options, sys: System) -> Result<Profile> {
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
+    // One sample at the end of the drain, before the process goes: the memory
+    // the drain grew is still resident then, however fast it went.
+    load_child.guard.check_alive()?;
+    rss.push(load_child.guard.rss()? as f64);
+    let peak = load_child.guard.peak_rss()? as f64;
     load_child.stop(&conn).await?;
-    anyhow::ensure!(!rss.is_empty(), "no RSS sample taken under load");
     let load = summarize(rss);
 
     // A full prefetch window held.
@@ -257,7 +265,7 @@ async fn profile(opts: &Options, sys: System) -> Result<Profile> {
     Ok(Profile {
         idle,
         load_p50: load.p50,
-        load_max: load.max,
+        load_max: load.max.max(peak),
         held_idle,
         held,
     })
