@@ -131,7 +131,7 @@ else
   # one failed binary, or "error: N targets failed:" and one "`-p pkg --test t`"
   # per line for several.
   failed=$(awk '/to rerun pass `/ {sub(/.*to rerun pass /, ""); gsub(/[` ]+/, " "); printf "%s;", $0; next}
-    /targets? failed:$/ {on=1; next} on && /^ +`/ {gsub(/[` ]+/, " "); printf "%s;", $0; next} on {on=0}' "$test_log" |
+    /targets? failed:$/ {on=1; next} on && /^ +`/ {gsub(/[` ]+/, " "); printf "%s;", $0; next} on {on=0}' "$test_log" | tr ';' '\n' | awk 'NF && !seen[$0]++ {printf "%s;", $0}' |
     sed -e 's/^ *//' -e 's/ *; */; /g' -e 's/; $//')
   echo "test.sh: cargo test failed (exit $rc) after $((SECONDS - t_start))s; failed test binaries: ${failed:-see the output above}; broker logs: $BROKER_DIR/log" >&2
 fi

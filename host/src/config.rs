@@ -297,6 +297,11 @@ pub struct PipelineConfig {
     /// the broker itself dead-letters a message to `<queue>.dlq`. 0 disables.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
+    /// Times the broker session may die while a message is in flight (its
+    /// call running or its effects unconfirmed) before the message is parked
+    /// in `<queue>.dlq` as a suspected poison message. 0 disables.
+    #[serde(default = "default_session_death_limit")]
+    pub session_death_limit: u32,
     /// Exchanges the plugin publishes to; declared durable at start so a publish
     /// never hits a missing exchange.
     #[serde(default, rename = "output")]
@@ -459,6 +464,9 @@ fn default_concurrency() -> usize {
 }
 fn default_delivery_limit() -> u32 {
     20
+}
+fn default_session_death_limit() -> u32 {
+    3
 }
 fn default_max_attempts() -> u32 {
     5

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 use lapin::BasicProperties;
 use lapin::types::{FieldTable, ShortString};
 
-use crate::envelope::{Envelope, header, headers_of, set_text};
+use crate::envelope::{Envelope, header, header_frame_len, headers_of, set_text, table_len};
 use crate::retry::{RetryTiers, tier_queue};
 use crate::runtime::{Outcome, Outgoing, PluginFailure};
 
@@ -112,6 +112,9 @@ pub struct Circumstances {
     pub now: SystemTime,
     /// Uniform random in [0, 1) for jitter.
     pub unit_random: f64,
+    /// The connection's negotiated `frame_max` (0: no limit). A publication's
+    /// properties must fit in one frame of this size.
+    pub frame_max: u32,
 }
 
 /// Decide what to do with `env` (whose body is `body`) given the plugin's result.
@@ -185,6 +188,15 @@ pub fn decide(
         }
         Outcome::DeadLetter(reason) => return dead_letter(info, plugin, env, body, reason, at),
     };
+    let built = built.and_then(|plan| match oversized(&plan.publications, at.frame_max) {
+        Some((i, len)) => Err(format!(
+            "publication {} has {len} bytes of properties and headers; the broker's frame_max \
+             allows {}",
+            i + 1,
+            at.frame_max
+        )),
+        None => Ok(plan),
+    });
     built.unwrap_or_else(|why| {
         dead_letter(
             info,
@@ -229,12 +241,23 @@ fn retry_or_dead_letter(
     set_text(&mut headers, header::RETRY_REASON.into(), &clip(&reason));
     keep_first(&mut headers, header::FIRST_FAILURE, &now);
     set_text(&mut headers, header::LAST_FAILURE.into(), &now);
-    keep_first(&mut headers, header::ORIGINAL_EXCHANGE, &env.exchange);
-    keep_first(&mut headers, header::ORIGINAL_ROUTING_KEY, &env.routing_key);
+    set_text(
+        &mut headers,
+        header::ORIGINAL_EXCHANGE.into(),
+        &env.exchange,
+    );
+    set_text(
+        &mut headers,
+        header::ORIGINAL_ROUTING_KEY.into(),
+        &env.routing_key,
+    );
     let expiration = info.tiers.jittered(tier, at.unit_random);
-    let properties = copy_properties(&env.properties)
-        .with_headers(headers)
-        .with_expiration(expiration.to_string().into());
+    let properties = fit(
+        copy_properties(&env.properties)
+            .with_headers(headers)
+            .with_expiration(expiration.to_string().into()),
+        at.frame_max,
+    );
     Plan {
         disposition: Disposition::Retry,
         publications: vec![Publication {
@@ -246,6 +269,23 @@ fn retry_or_dead_letter(
         }],
         reason: Some(reason),
     }
+}
+
+/// Park a delivery in the DLQ without calling the plugin and without any
+/// other effect, not even an RPC caller's error reply: for a message suspected
+/// of killing the broker session (see `suspects`), whose reply address may be
+/// the very thing that kills it.
+pub fn park(
+    info: &PipelineInfo,
+    plugin: PluginStamp<'_>,
+    env: &Envelope,
+    body: Vec<u8>,
+    reason: String,
+    at: Circumstances,
+) -> Plan {
+    let mut plan = dead_letter(info, plugin, env, body, reason, at);
+    plan.publications.retain(|p| p.role == Role::Copy);
+    plan
 }
 
 fn dead_letter(
@@ -271,9 +311,20 @@ fn dead_letter(
     set_text(&mut headers, header::PLUGIN_DIGEST.into(), plugin.digest);
     keep_first(&mut headers, header::FIRST_FAILURE, &now);
     set_text(&mut headers, header::LAST_FAILURE.into(), &now);
-    keep_first(&mut headers, header::ORIGINAL_EXCHANGE, &env.exchange);
-    keep_first(&mut headers, header::ORIGINAL_ROUTING_KEY, &env.routing_key);
-    let properties = copy_properties(&env.properties).with_headers(headers);
+    set_text(
+        &mut headers,
+        header::ORIGINAL_EXCHANGE.into(),
+        &env.exchange,
+    );
+    set_text(
+        &mut headers,
+        header::ORIGINAL_ROUTING_KEY.into(),
+        &env.routing_key,
+    );
+    let properties = fit(
+        copy_properties(&env.properties).with_headers(headers),
+        at.frame_max,
+    );
     let mut publications = vec![Publication {
         exchange: "".into(),
         routing_key: info.dlq.clone().into(),
@@ -374,6 +425,63 @@ fn copy_properties(p: &BasicProperties) -> BasicProperties {
     c
 }
 
+/// The first publication whose header frame does not fit `frame_max`, and its size.
+fn oversized(pubs: &[Publication], frame_max: u32) -> Option<(usize, usize)> {
+    if frame_max == 0 {
+        return None;
+    }
+    pubs.iter()
+        .map(|p| header_frame_len(&p.properties))
+        .enumerate()
+        .find(|(_, len)| *len > frame_max as usize)
+}
+
+/// A retry or dead-letter copy must reach its queue whatever the producer put
+/// in the headers: if its header frame would not fit the broker's `frame_max`
+/// (warren's own headers come on top of the producer's), the producer's
+/// largest headers are dropped until it fits, warren's own are kept, and
+/// `x-warren-dropped-headers` says what went.
+fn fit(props: BasicProperties, frame_max: u32) -> BasicProperties {
+    let limit = frame_max as usize;
+    if frame_max == 0 || header_frame_len(&props) <= limit {
+        return props;
+    }
+    // Room for the note itself.
+    let budget = limit.saturating_sub(600);
+    let mut map = headers_of(&props).inner().clone();
+    let mut theirs: Vec<(ShortString, usize)> = map
+        .iter()
+        .filter(|(k, _)| !k.as_str().starts_with("x-warren-"))
+        .map(|(k, v)| {
+            let mut one = FieldTable::default();
+            one.insert(k.clone(), v.clone());
+            (k.clone(), table_len(&one))
+        })
+        .collect();
+    theirs.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let mut size = header_frame_len(&props);
+    let mut dropped = Vec::new();
+    for (k, n) in theirs {
+        if size <= budget {
+            break;
+        }
+        map.remove(&k);
+        size = size.saturating_sub(n);
+        dropped.push(k.to_string());
+    }
+    let mut headers = FieldTable::from(map);
+    set_text(
+        &mut headers,
+        header::DROPPED_HEADERS.into(),
+        &clip(&format!(
+            "{} header(s) did not fit the broker's frame_max of {frame_max} bytes: {}",
+            dropped.len(),
+            dropped.join(", ")
+        )),
+    );
+    props.with_headers(headers)
+}
+
 /// Provenance headers on everything a plugin produces; `traceparent` is carried over.
 fn stamp(headers: &mut FieldTable, info: &PipelineInfo, plugin: PluginStamp<'_>, env: &Envelope) {
     set_text(headers, header::PIPELINE.into(), &info.name);
@@ -472,12 +580,28 @@ mod tests {
         Circumstances {
             now: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
             unit_random: 0.5,
+            frame_max: 131_072,
         }
     }
 
+    /// A delivery of attempt `attempt`; after the first, back from a tier.
     fn env(props: BasicProperties, attempt: u32) -> Envelope {
         let mut h = headers_of(&props);
         set_text(&mut h, header::ATTEMPT.into(), &attempt.to_string());
+        if attempt > 1 {
+            set_text(&mut h, header::ORIGINAL_EXCHANGE.into(), "ex");
+            set_text(&mut h, header::ORIGINAL_ROUTING_KEY.into(), "rk");
+            let mut death = FieldTable::default();
+            set_text(&mut death, "queue".into(), "q.retry.100");
+            set_text(&mut death, "reason".into(), "expired");
+            h.insert(
+                "x-death".into(),
+                lapin::types::AMQPValue::FieldArray(
+                    vec![lapin::types::AMQPValue::FieldTable(death)].into(),
+                ),
+            );
+            return Envelope::new(props.with_headers(h), "", "q", "q");
+        }
         Envelope::new(props.with_headers(h), "ex", "rk", "q")
     }
 

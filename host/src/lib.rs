@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod retry;
 pub mod runtime;
+pub mod suspects;
 
 use std::future::Future;
 use std::sync::Arc;

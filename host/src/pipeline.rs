@@ -24,29 +24,30 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Wake, Waker};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::StreamExt;
-use lapin::Consumer;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, Consumer, Event};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, Level, field};
 
-use crate::broker::{self, Publisher, SettleGuard, Settler};
+use crate::broker::{self, KnownExchanges, Publisher, SettleGuard, Settler};
 use crate::config::{BrokerConfig, PipelineConfig};
-use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp};
+use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp, Publication};
 use crate::envelope::Envelope;
 use crate::ops::PipelineMetrics;
 use crate::plugins::{LoadedPlugin, PluginSlot};
 use crate::retry::RetryTiers;
-use crate::runtime::InvokeLimits;
+use crate::runtime::{InvokeLimits, Outcome, PluginFailure};
+use crate::suspects::{self, Ledger};
 
 /// An event about one message (`$about`) of pipeline `$p`, carrying the fields
 /// that identify it: the per-message span that also has them is DEBUG.
@@ -75,6 +76,15 @@ const WORKER_STACK: usize = 2 << 20;
 /// to reach the broker before the connection closes.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
+/// First pause before a delivery whose effects were refused is requeued; it
+/// doubles with each further refusal in a row, up to `REQUEUE_BACKOFF_MAX`.
+const REQUEUE_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const REQUEUE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long a cancel or close may wait for the broker. A blocked connection
+/// never answers; the broker requeues what is unsettled once the socket goes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Everything a pipeline's tasks share.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -84,6 +94,11 @@ pub struct Pipeline {
     pub metrics: Arc<PipelineMetrics>,
     plugin_config: Arc<BTreeMap<String, String>>,
     limits: InvokeLimits,
+    /// Deliveries requeued in a row because their effects were refused; sets
+    /// the back-off before the next requeue, reset by any confirmed effects.
+    requeue_streak: AtomicU32,
+    /// Session deaths per message in flight at the time (poison messages).
+    ledger: Ledger,
 }
 
 impl Pipeline {
@@ -111,11 +126,20 @@ impl Pipeline {
             slot,
             metrics,
             limits,
+            requeue_streak: AtomicU32::new(0),
+            ledger: Ledger::default(),
         }
     }
 
     /// Run until `stop` turns true: connect, consume, and on broker loss reconnect
     /// with backoff. Returns after in-flight messages are settled or `grace` ran out.
+    ///
+    /// The delay doubles with every failed attempt up to [`MAX_RECONNECT_DELAY`],
+    /// and starts again from `first_delay` after a session that consumed for at
+    /// least as long as the delay it had waited: a broker that comes back after a
+    /// short outage is used again at once, instead of after the back-off earned
+    /// by the last long one. Each wait is shortened by up to half at random, so
+    /// replicas cut off together do not reconnect in lockstep.
     pub async fn supervise(
         self: Arc<Self>,
         endpoint: BrokerConfig,
@@ -123,7 +147,7 @@ impl Pipeline {
         grace: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut delay = first_delay;
+        let mut backoff = Backoff::new(first_delay);
         let mut sessions = 0u64;
         loop {
             if *stop.borrow() {
@@ -132,33 +156,70 @@ impl Pipeline {
             if sessions > 0 {
                 self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
             }
-            sessions += 1;
-            match self.clone().session(&endpoint, grace, stop.clone()).await {
+            sessions = sessions.saturating_add(1);
+            let mut consuming_since = None;
+            match self
+                .clone()
+                .session(&endpoint, grace, stop.clone(), &mut consuming_since)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => {
                     self.metrics.connected.store(false, Ordering::Relaxed);
+                    let consumed = consuming_since.map(|t: Instant| t.elapsed());
+                    let wait = jittered(backoff.after(consumed), fastrand::f64());
                     let error = format!("{e:#}");
-                    tracing::warn!(pipeline = %self.info.name, error = %error, retry_in_ms = delay.as_millis() as u64, "pipeline lost its broker session; reconnecting");
+                    tracing::warn!(pipeline = %self.info.name, error = %error, retry_in_ms = wait.as_millis() as u64, "pipeline lost its broker session; reconnecting");
                     self.metrics.set_broker_error(Some(&error));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            delay = (delay * 2).min(MAX_RECONNECT_DELAY);
         }
     }
 
-    /// One connection's lifetime. `Ok` means a clean stop was requested.
+    /// One connection's lifetime. `Ok` means a clean stop was requested;
+    /// `consuming_since` is set once the consumer is attached.
     async fn session(
         self: Arc<Self>,
         endpoint: &BrokerConfig,
         grace: Duration,
         mut stop: watch::Receiver<bool>,
+        consuming_since: &mut Option<Instant>,
     ) -> Result<()> {
         let name = &self.info.name;
-        let conn = broker::connect(endpoint, name).await?;
+        let conn = Arc::new(broker::connect(endpoint, name).await?);
+        let watching = tokio::spawn(watch_connection(conn.events_listener(), self.clone()));
+        let result = self
+            .clone()
+            .consume(&conn, grace, &mut stop, consuming_since)
+            .await;
+        self.metrics.connected.store(false, Ordering::Relaxed);
+        // A blocked connection (a broker resource alarm) does not write at all,
+        // not even the close: the process must be able to leave anyway, and the
+        // broker requeues what was not settled when the socket goes.
+        if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "warren stopping".into()))
+            .await
+            .is_err()
+        {
+            tracing::warn!(pipeline = %name, "the broker did not answer the close in time (connection blocked?); leaving it");
+        }
+        watching.abort();
+        self.metrics.set_blocked(None);
+        result
+    }
+
+    /// Declare, start the workers and consume until `stop` or a failure.
+    async fn consume(
+        self: Arc<Self>,
+        conn: &Arc<Connection>,
+        grace: Duration,
+        stop: &mut watch::Receiver<bool>,
+        consuming_since: &mut Option<Instant>,
+    ) -> Result<()> {
+        let name = &self.info.name;
         let setup = conn.create_channel().await.context("opening a channel")?;
         broker::declare(&setup, &self.config, &self.info.tiers)
             .await
@@ -198,6 +259,11 @@ impl Pipeline {
         let work = Arc::new(Work {
             pipeline: self.clone(),
             publisher,
+            conn: conn.clone(),
+            exchanges: KnownExchanges::new(&self.config),
+            frame_max: conn.configuration().frame_max(),
+            channel: channel.clone(),
+            suspects: suspects::InFlight::default(),
             consumer: Mutex::new(consumer),
             broken: Notify::new(),
             ended: Notify::new(),
@@ -206,13 +272,11 @@ impl Pipeline {
             runtime: Handle::current(),
             abandon: AtomicBool::new(false),
         });
-        if let Err(e) = work.start_workers(self.config.concurrency, &settler) {
-            // Workers already started stop when the connection goes.
-            let _ = conn.close(200, "warren cannot start workers".into()).await;
-            return Err(e);
-        }
+        // Workers already started stop when the connection goes.
+        work.start_workers(self.config.concurrency, &settler)?;
         self.metrics.connected.store(true, Ordering::Relaxed);
         self.metrics.set_broker_error(None);
+        *consuming_since = Some(Instant::now());
         tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), "consuming");
 
         let outcome: Result<()> = tokio::select! {
@@ -220,14 +284,27 @@ impl Pipeline {
             _ = work.broken.notified() => Err(anyhow!("the publish channel closed")),
             _ = work.ended.notified() => Err(anyhow!(work.end_reason())),
         };
+        // The suspects are taken at the moment of death: what finishes later
+        // (on a dead channel) is not what killed it.
+        if let Err(e) = &outcome {
+            let ack_timeout = format!("{e:#}").contains("PRECONDITION_FAILED")
+                && format!("{e:#}").contains("timed out");
+            let suspects = work.suspects.suspects(ack_timeout);
+            if !suspects.is_empty() {
+                tracing::warn!(pipeline = %name, suspects = suspects.len(), "the session died with effects unconfirmed (or a call over the broker's consumer_timeout); each such message is charged one death (see session_death_limit)");
+                self.ledger.record(suspects);
+            }
+        }
 
         // Stop the flow first, then let what was received settle on this
         // channel: workers handle what the consumer still holds, then exit on
         // its end; the settler stops once every delivery has reported.
         self.metrics.connected.store(false, Ordering::Relaxed);
-        let _ = channel
-            .basic_cancel(tag, BasicCancelOptions::default())
-            .await;
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            channel.basic_cancel(tag, BasicCancelOptions::default()),
+        )
+        .await;
         drop(settler);
         if tokio::time::timeout(grace, &mut settling).await.is_err() {
             tracing::warn!(pipeline = %name, left = self.metrics.in_flight.load(Ordering::Relaxed), "shutdown grace ran out; unsettled messages go back to the queue");
@@ -236,8 +313,57 @@ impl Pipeline {
             work.abandon.store(true, Ordering::Relaxed);
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut settling).await;
         }
-        let _ = conn.close(200, "warren stopping".into()).await;
         outcome
+    }
+}
+
+/// Delays between reconnection attempts: doubling from `first` up to
+/// [`MAX_RECONNECT_DELAY`] while attempts fail, back to `first` after a session
+/// that consumed for at least as long as the delay it had waited.
+#[derive(Debug)]
+struct Backoff {
+    first: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration) -> Self {
+        Self { first, next: first }
+    }
+
+    /// The wait (before jitter) after a session that consumed for `consumed`
+    /// (`None`: it never got to consume).
+    fn after(&mut self, consumed: Option<Duration>) -> Duration {
+        if consumed.is_some_and(|c| c >= self.next) {
+            self.next = self.first;
+        }
+        let wait = self.next;
+        self.next = self.next.saturating_mul(2).min(MAX_RECONNECT_DELAY);
+        wait
+    }
+}
+
+/// `d` shortened by up to half, by `unit` (uniform in [0, 1)).
+fn jittered(d: Duration, unit: f64) -> Duration {
+    d.mul_f64(1.0 - unit.clamp(0.0, 1.0) / 2.0)
+}
+
+/// Log and show the broker's notices about the connection: `connection.blocked`
+/// (a resource alarm: the broker stops reading from publishers) and its end.
+async fn watch_connection(events: impl futures_util::Stream<Item = Event>, p: Arc<Pipeline>) {
+    futures_util::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            Event::ConnectionBlocked(reason) => {
+                tracing::warn!(pipeline = %p.info.name, reason = %reason, "the broker blocked the connection (resource alarm): publishing, and so settling, waits until it lifts");
+                p.metrics.set_blocked(Some(&reason));
+            }
+            Event::ConnectionUnblocked => {
+                tracing::info!(pipeline = %p.info.name, "the broker unblocked the connection");
+                p.metrics.set_blocked(None);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -316,6 +442,8 @@ impl Wake for Parked {
 /// A delivery on its way through a worker.
 struct Job {
     delivery: Delivery,
+    /// The message's identity for the poison ledger (`suspects::key`).
+    key: u64,
     settle: SettleGuard,
     in_flight: InFlight,
 }
@@ -341,6 +469,16 @@ impl Drop for InFlight {
 struct Work {
     pipeline: Arc<Pipeline>,
     publisher: Arc<Publisher>,
+    /// The session's connection, for channels of its own (checks, repairs).
+    conn: Arc<Connection>,
+    /// Exchanges known to exist, for checking outputs before publishing.
+    exchanges: KnownExchanges,
+    /// The negotiated frame size: the largest header frame the broker takes.
+    frame_max: u32,
+    /// The consume channel: an ack on it counts only while it is open.
+    channel: Channel,
+    /// Deliveries taken and not yet settled on a live channel.
+    suspects: suspects::InFlight,
     /// The session's consumer. The worker holding the lock waits for the next
     /// delivery and hands the lock on as soon as it has one (leader/followers):
     /// the delivery is handled on the thread lapin's I/O thread woke, with no
@@ -402,9 +540,12 @@ impl Work {
                     return self.end("the broker cancelled the consumer (queue deleted?)".into());
                 }
             };
+            let key = suspects::key(&delivery);
+            self.suspects.taken(delivery.delivery_tag, key);
             let job = Job {
                 settle: settler.guard(delivery.delivery_tag),
                 in_flight: InFlight::new(&self.pipeline.metrics),
+                key,
                 delivery,
             };
             if self.abandon.load(Ordering::Relaxed) {
@@ -448,9 +589,12 @@ impl Work {
         let p = &self.pipeline;
         let Job {
             delivery,
+            key,
             settle,
             in_flight,
         } = job;
+        let tag = delivery.delivery_tag;
+        let redelivered = delivery.redelivered;
         let plugin = p.slot.current();
         let env = Envelope::new(
             delivery.properties,
@@ -476,6 +620,40 @@ impl Work {
             plugin: plugin.clone(),
             attempt: env.attempt,
         };
+        let stamp = PluginStamp {
+            name: plugin.name(),
+            version: plugin.version(),
+            digest: plugin.digest(),
+        };
+        let at = Circumstances {
+            now: SystemTime::now(),
+            unit_random: fastrand::f64(),
+            frame_max: self.frame_max,
+        };
+        let limit = p.config.session_death_limit;
+        let deaths = if redelivered && limit > 0 {
+            p.ledger.deaths(key)
+        } else {
+            0
+        };
+        if deaths >= limit && deaths > 0 {
+            let reason = format!(
+                "suspected poison message: the broker session died {deaths} times while it was \
+                 in flight (its call running or its effects unconfirmed); parked without calling \
+                 the plugin or sending its effects"
+            );
+            message_event!(
+                Level::WARN,
+                p,
+                about,
+                deaths,
+                "parking a message that keeps killing the broker session"
+            );
+            p.metrics.poison_parked.fetch_add(1, Ordering::Relaxed);
+            let plan = disposition::park(&p.info, stamp, &env, delivery.data, reason, at);
+            drop(entered);
+            return self.settle_plan(plan, tag, settle, in_flight, about, span);
+        }
         let message = env.to_message(delivery.data);
         let invocation = plugin.invoke(
             &message,
@@ -488,32 +666,34 @@ impl Work {
             p.metrics.failure(failure.kind());
             message_event!(Level::WARN, p, about, failure = %failure, "plugin call failed");
         }
-        let plan = disposition::decide(
-            &p.info,
-            PluginStamp {
-                name: plugin.name(),
-                version: plugin.version(),
-                digest: plugin.digest(),
-            },
-            &env,
-            message.body,
-            invocation.result,
-            Circumstances {
-                now: SystemTime::now(),
-                unit_random: fastrand::f64(),
-            },
-        );
+        let result = self.check_outputs(invocation.result);
+        let plan = disposition::decide(&p.info, stamp, &env, message.body, result, at);
+        drop(entered);
+        self.settle_plan(plan, tag, settle, in_flight, about, span);
+    }
+
+    /// Ack a delivery without effects now; start publishing the effects of one
+    /// with effects, and settle it once they are confirmed.
+    fn settle_plan(
+        self: &Arc<Self>,
+        plan: Plan,
+        tag: u64,
+        settle: SettleGuard,
+        in_flight: InFlight,
+        about: About,
+        span: tracing::Span,
+    ) {
         if plan.publications.is_empty() {
-            p.settled(&plan, &about);
-            settle.ack();
+            let _entered = span.enter();
+            self.ack(&plan, &about, tag, settle);
             drop(in_flight);
             return;
         }
-        drop(entered);
+        self.suspects.publishing(tag);
         let work = self.clone();
         let task = Box::pin(
             async move {
-                work.publish_and_settle(plan, settle, &about).await;
+                work.publish_and_settle(plan, tag, settle, &about).await;
                 drop(in_flight);
             }
             .instrument(span.clone()),
@@ -528,47 +708,147 @@ impl Work {
         Parked::start(&self.runtime, task);
     }
 
-    /// Publish the plan's effects; ack once all are confirmed, else requeue.
-    async fn publish_and_settle(&self, mut plan: Plan, settle: SettleGuard, about: &About) {
-        let p = &self.pipeline;
-        let published = async {
-            if !self.publisher.usable() {
-                bail!("the publish channel is closed");
+    /// Outputs to an exchange the broker does not have are refused before
+    /// anything is published: the broker would close the publish channel, and
+    /// with it the effects of every other message in progress on it, and the
+    /// message would come back to do it again. The message is dead-lettered
+    /// with the broker's reason instead.
+    fn check_outputs(
+        &self,
+        result: Result<Outcome, PluginFailure>,
+    ) -> Result<Outcome, PluginFailure> {
+        let outs = match &result {
+            Ok(Outcome::Publish(outs)) => outs,
+            Ok(Outcome::Reply(reply)) => &reply.publish,
+            _ => return result,
+        };
+        for o in outs {
+            if self.exchanges.known(&o.exchange) {
+                continue;
             }
-            let report = self
-                .publisher
-                .publish_all(std::mem::take(&mut plan.publications))
-                .await?;
-            p.metrics
-                .published
-                .fetch_add(report.published, Ordering::Relaxed);
-            p.metrics
-                .unroutable
-                .fetch_add(report.unroutable, Ordering::Relaxed);
-            anyhow::Ok(())
+            if let Err(why) = self
+                .runtime
+                .block_on(self.exchanges.verify(&self.conn, &o.exchange))
+            {
+                return Ok(Outcome::DeadLetter(format!(
+                    "output to exchange {:?} refused: {why}",
+                    o.exchange
+                )));
+            }
         }
-        .await;
-        match published {
+        result
+    }
+
+    /// Publish the plan's effects; ack once all are confirmed, else requeue.
+    async fn publish_and_settle(&self, plan: Plan, tag: u64, settle: SettleGuard, about: &About) {
+        let p = &self.pipeline;
+        match self.publish(&plan, about).await {
             Ok(()) => {
-                p.settled(&plan, about);
-                settle.ack();
+                if p.requeue_streak.load(Ordering::Relaxed) != 0 {
+                    p.requeue_streak.store(0, Ordering::Relaxed);
+                    p.metrics.set_effect_error(None);
+                }
+                self.ack(&plan, about, tag, settle);
             }
             Err(e) => {
                 tracing::Span::current().record("outcome", "requeue");
-                message_event!(
-                    Level::WARN,
-                    p,
-                    about,
-                    error = %format!("{e:#}"),
-                    "effects not confirmed; requeueing the message"
-                );
+                let error = format!("{e:#}");
                 p.metrics.requeued.fetch_add(1, Ordering::Relaxed);
                 if !self.publisher.usable() {
+                    message_event!(Level::WARN, p, about, error = %error, "effects not confirmed; requeueing the message");
+                    // The session restarts; the broker requeues what is unsettled.
                     self.broken.notify_one();
+                    settle.requeue();
+                    return;
+                }
+                // The broker hands a requeued message out again at once, and
+                // whatever refused its effects is likely to refuse them again:
+                // back off, longer while the refusals go on, instead of spinning
+                // through requeues and log lines.
+                let streak = p.requeue_streak.fetch_add(1, Ordering::Relaxed);
+                let delay = REQUEUE_BACKOFF_FIRST
+                    .saturating_mul(1 << streak.min(10))
+                    .min(REQUEUE_BACKOFF_MAX);
+                message_event!(Level::WARN, p, about, error = %error, requeue_in_ms = delay.as_millis() as u64, "effects not confirmed; requeueing the message");
+                p.metrics.set_effect_error(Some(&error));
+                tokio::time::sleep(delay).await;
+                // A deliberate requeue on a live channel: not a suspect.
+                if self.channel.status().connected() {
+                    self.suspects.settled(tag);
                 }
                 settle.requeue();
             }
         }
+    }
+
+    /// Publish the plan's publications and wait for their confirms. A retry or
+    /// dead-letter copy that the broker could not route means one of warren's
+    /// own queues is gone (deleted by hand or by a policy): they are declared
+    /// again and the copy is published once more. Left alone, the message
+    /// would be requeued until a quorum queue's delivery limit dead-letters it
+    /// into the missing queue, where the broker drops it.
+    async fn publish(&self, plan: &Plan, about: &About) -> Result<()> {
+        let p = &self.pipeline;
+        if !self.publisher.usable() {
+            bail!("the publish channel is closed");
+        }
+        let report = self.publisher.publish_all(&plan.publications).await?;
+        p.metrics
+            .published
+            .fetch_add(report.published, Ordering::Relaxed);
+        p.metrics
+            .unroutable
+            .fetch_add(report.unroutable, Ordering::Relaxed);
+        if report.lost_copies.is_empty() {
+            return Ok(());
+        }
+        let copies: Vec<Publication> = report
+            .lost_copies
+            .iter()
+            .filter_map(|&i| plan.publications.get(i).cloned())
+            .collect();
+        let missing: Vec<&str> = copies.iter().map(|c| c.routing_key.as_str()).collect();
+        message_event!(Level::WARN, p, about, queues = ?missing, "a queue of the pipeline is missing; declaring its queues again");
+        p.metrics.topology_repairs.fetch_add(1, Ordering::Relaxed);
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .context("opening a channel to declare the queues again")?;
+        broker::declare(&channel, &p.config, &p.info.tiers)
+            .await
+            .with_context(|| {
+                format!("declaring the topology of pipeline {:?} again", p.info.name)
+            })?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        let again = self.publisher.publish_all(&copies).await?;
+        if !again.lost_copies.is_empty() {
+            bail!(
+                "the broker could not route the copy to queue(s) {missing:?}, even after declaring them again"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Work {
+    /// Ack a delivery whose effects are all confirmed: its work is done, so it
+    /// is no longer a poison suspect. It is counted (and its deaths are
+    /// forgotten) only if the ack can still reach the broker: on
+    /// a channel the broker has closed (a `consumer_timeout`, a dead
+    /// connection) the message comes back, and counting it would count it
+    /// twice.
+    fn ack(&self, plan: &Plan, about: &About, tag: u64, settle: SettleGuard) {
+        settle.ack();
+        let key = self.suspects.settled(tag);
+        if !self.channel.status().connected() {
+            tracing::debug!(pipeline = %self.pipeline.info.name, "acked on a closed channel; the broker redelivers it");
+            return;
+        }
+        if let Some(key) = key {
+            self.pipeline.ledger.forget(key);
+        }
+        self.pipeline.settled(plan, about);
     }
 }
 
@@ -589,5 +869,37 @@ impl Pipeline {
             tracing::debug!("{}", plan.disposition.label());
         }
         self.metrics.outcome(plan.disposition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Backoff, MAX_RECONNECT_DELAY, jittered};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn backoff_doubles_while_failing_and_resets_after_a_working_session() {
+        let mut b = Backoff::new(100 * MS);
+        let waits: Vec<_> = (0..4).map(|_| b.after(None)).collect();
+        assert_eq!(waits, [100 * MS, 200 * MS, 400 * MS, 800 * MS]);
+        // A session that consumed only briefly does not reset the delay.
+        assert_eq!(b.after(Some(10 * MS)), 1600 * MS);
+        // One that consumed longer than the delay it waited does.
+        assert_eq!(b.after(Some(Duration::from_secs(5))), 100 * MS);
+        assert_eq!(b.after(None), 200 * MS);
+        for _ in 0..20 {
+            b.after(None);
+        }
+        assert_eq!(b.after(None), MAX_RECONNECT_DELAY);
+    }
+
+    #[test]
+    fn jitter_shortens_by_at_most_half() {
+        assert_eq!(jittered(100 * MS, 0.0), 100 * MS);
+        assert_eq!(jittered(100 * MS, 0.5), 75 * MS);
+        assert!(jittered(100 * MS, 0.999_999) >= 50 * MS);
     }
 }

@@ -9,6 +9,7 @@ mod config_errors;
 mod conservation;
 mod examples;
 mod failures;
+mod hostile;
 mod lifecycle;
 mod outcomes;
 mod polyglot;

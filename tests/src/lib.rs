@@ -24,6 +24,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use warren::config::Config;
 
+pub mod raw;
+
 /// AMQP URL of the test broker.
 pub fn broker_url() -> String {
     std::env::var("WARREN_TEST_BROKER_URL")
@@ -186,6 +188,16 @@ impl Client {
     /// Messages ready in `queue` (exact: a passive declare).
     pub async fn depth(&self, queue: &str) -> Result<u32> {
         queue_depth(&self.conn, queue).await
+    }
+
+    /// Delete a queue (as an operator or a policy might, under warren).
+    pub async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let ch = self.conn.create_channel().await?;
+        ch.queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting queue {queue}"))?;
+        let _ = ch.close(200, "deleted".into()).await;
+        Ok(())
     }
 
     /// Empty a queue.

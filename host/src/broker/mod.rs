@@ -16,7 +16,7 @@ mod topology;
 
 pub use publish::{PublishReport, Publisher};
 pub use settle::{SettleGuard, Settler, Verdict};
-pub use topology::declare;
+pub use topology::{KnownExchanges, declare};
 
 use anyhow::{Context, Result};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};

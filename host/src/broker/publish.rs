@@ -15,12 +15,15 @@ pub struct Publisher {
 }
 
 /// What happened to a confirmed batch.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PublishReport {
     /// Outputs and replies confirmed.
     pub published: u64,
     /// Outputs the broker could not route (allowed; counted).
     pub unroutable: u64,
+    /// Indexes of retry and dead-letter copies the broker could not route:
+    /// one of warren's own queues is missing. Not done; the caller decides.
+    pub lost_copies: Vec<usize>,
 }
 
 impl Publisher {
@@ -38,12 +41,13 @@ impl Publisher {
         self.channel.status().connected()
     }
 
-    /// Publish all, then wait for every confirm. Any nack, error or unroutable
-    /// copy fails the whole batch: the caller then requeues the original, and a
-    /// later attempt publishes again (at-least-once, so duplicates are possible).
-    pub async fn publish_all(&self, pubs: Vec<Publication>) -> Result<PublishReport> {
+    /// Publish all, then wait for every confirm. A nack or an error fails the
+    /// whole batch: the caller then requeues the original, and a later attempt
+    /// publishes again (at-least-once, so duplicates are possible). A copy the
+    /// broker could not route is reported in `lost_copies`.
+    pub async fn publish_all(&self, pubs: &[Publication]) -> Result<PublishReport> {
         let mut pending = Vec::with_capacity(pubs.len());
-        for p in pubs {
+        for (i, p) in pubs.iter().enumerate() {
             // Mandatory everywhere except replies: direct reply-to targets are not
             // queues, and a caller that went away is not our failure.
             let opts = BasicPublishOptions {
@@ -57,7 +61,7 @@ impl Publisher {
                     p.routing_key.clone(),
                     opts,
                     &p.body,
-                    p.properties,
+                    p.properties.clone(),
                 )
                 .await
                 .with_context(|| {
@@ -66,26 +70,27 @@ impl Publisher {
                         p.exchange, p.routing_key
                     )
                 })?;
-            pending.push((p.role, p.exchange, p.routing_key, confirm));
+            pending.push((i, confirm));
         }
         let mut report = PublishReport::default();
-        for (role, exchange, key, confirm) in pending {
+        for (i, confirm) in pending {
+            let Some(p) = pubs.get(i) else { continue };
+            let (exchange, key) = (&p.exchange, &p.routing_key);
             let confirmation = confirm.await.with_context(|| {
                 format!("waiting for the confirm of exchange {exchange:?} key {key:?}")
             })?;
             match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {
-                    if role != Role::Copy {
+                    if p.role != Role::Copy {
                         report.published += 1;
                     }
                 }
-                Confirmation::Ack(Some(returned)) => match role {
-                    Role::Copy => bail!(
-                        "the broker could not route the copy to queue {key:?} ({}): was it deleted?",
-                        returned.reply_text
-                    ),
+                Confirmation::Ack(Some(_)) => match p.role {
+                    Role::Copy => report.lost_copies.push(i),
                     Role::Output | Role::Reply => {
-                        tracing::warn!(%exchange, routing_key = %key, "no queue is bound for this output; the broker dropped it");
+                        // Never the returned message itself: its body may be
+                        // large, or secret.
+                        tracing::warn!(%exchange, routing_key = %key, bytes = p.body.len(), "no queue is bound for this output; the broker dropped it");
                         report.unroutable += 1;
                     }
                 },

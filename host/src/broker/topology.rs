@@ -2,10 +2,13 @@
 //! queue, one queue per retry tier, bound and output exchanges, and bindings.
 //! Declarations are idempotent, so this runs on every (re)connect.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use anyhow::{Context, Result};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind as LapinKind};
+use lapin::{Channel, Connection, ExchangeKind as LapinKind};
 
 use crate::config::{ExchangeKind, PipelineConfig, QueueType};
 use crate::retry::{RetryTiers, tier_queue};
@@ -147,3 +150,84 @@ fn name(s: &str) -> Result<ShortString> {
 fn clamp_i32(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
+
+/// Exchanges known to exist on the broker, for checking a plugin's outputs
+/// before they are published. A publish to a missing exchange makes the broker
+/// close the channel (`NOT_FOUND`), and with it every other message's publish
+/// in progress on it; checked first, only the message that asked for it is
+/// dead-lettered.
+#[derive(Debug)]
+pub struct KnownExchanges {
+    known: Mutex<HashSet<String>>,
+}
+
+/// Exchanges every RabbitMQ broker has (`amq.rabbitmq.*` ones are internal).
+const BUILT_IN: [&str; 6] = [
+    "",
+    "amq.direct",
+    "amq.fanout",
+    "amq.topic",
+    "amq.headers",
+    "amq.match",
+];
+
+impl KnownExchanges {
+    /// The built-in exchanges and those the pipeline declares itself.
+    pub fn new(p: &PipelineConfig) -> Self {
+        let known = BUILT_IN
+            .iter()
+            .map(|x| x.to_string())
+            .chain(p.outputs.iter().map(|o| o.exchange.clone()))
+            .chain(p.bindings.iter().map(|b| b.exchange.clone()))
+            .collect();
+        Self {
+            known: Mutex::new(known),
+        }
+    }
+
+    /// Whether `x` is known to exist without asking the broker.
+    pub fn known(&self, x: &str) -> bool {
+        self.known.lock().is_ok_and(|k| k.contains(x))
+    }
+
+    /// Ask the broker whether `x` exists (a passive declare, on a channel of its
+    /// own since a refusal closes it). `Err` carries the broker's reason when it
+    /// says the exchange does not exist; any other trouble (the connection going
+    /// away) is left to the publish itself to meet.
+    pub async fn verify(&self, conn: &Connection, x: &str) -> std::result::Result<(), String> {
+        if self.known(x) {
+            return Ok(());
+        }
+        let Ok(name) = ShortString::try_new(x) else {
+            return Err("the exchange name is longer than 255 bytes".into());
+        };
+        let Ok(channel) = conn.create_channel().await else {
+            return Ok(());
+        };
+        let opts = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        match channel
+            .exchange_declare(name, LapinKind::Direct, opts, FieldTable::default())
+            .await
+        {
+            Ok(()) => {
+                let _ = channel.close(200, "checked".into()).await;
+                if let Ok(mut k) = self.known.lock() {
+                    k.insert(x.to_string());
+                }
+                Ok(())
+            }
+            Err(e) => match e.kind() {
+                lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == NOT_FOUND => {
+                    Err(amqp.get_message().to_string())
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+/// AMQP reply code of a missing entity.
+const NOT_FOUND: u16 = 404;

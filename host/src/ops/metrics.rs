@@ -45,6 +45,17 @@ pub struct PipelineMetrics {
     last_reload_error: RwLock<Option<String>>,
     last_broker_error: RwLock<Option<String>>,
     cache: [AtomicU64; 4],
+    /// Messages parked as suspected poison (the session died with them in
+    /// flight `session_death_limit` times).
+    pub poison_parked: AtomicU64,
+    /// Times a missing queue of the pipeline (its DLQ, a retry tier) was
+    /// declared again because a copy could not be routed to it.
+    pub topology_repairs: AtomicU64,
+    /// Why the broker blocked the connection (a resource alarm), while it does.
+    blocked: RwLock<Option<String>>,
+    blocked_now: AtomicBool,
+    /// The last refused effect, while refusals go on.
+    last_effect_error: RwLock<Option<String>>,
 }
 
 const CACHE_OUTCOMES: [&str; 4] = ["compiled", "miss", "hit", "recovered"];
@@ -149,6 +160,31 @@ impl PipelineMetrics {
         self.last_broker_error.read().ok().and_then(|g| g.clone())
     }
 
+    /// The broker blocked the connection (`Some(reason)`) or lifted the block.
+    pub fn set_blocked(&self, reason: Option<&str>) {
+        self.blocked_now.store(reason.is_some(), Ordering::Relaxed);
+        if let Ok(mut g) = self.blocked.write() {
+            *g = reason.map(str::to_string);
+        }
+    }
+
+    /// Whether the broker blocks the pipeline's connection now.
+    pub fn blocked(&self) -> bool {
+        self.blocked_now.load(Ordering::Relaxed)
+    }
+
+    /// A delivery's effects were refused (`Some`), or went through again.
+    pub fn set_effect_error(&self, error: Option<&str>) {
+        if let Ok(mut g) = self.last_effect_error.write() {
+            *g = error.map(str::to_string);
+        }
+    }
+
+    /// The last refused effect, while no effects have been confirmed since.
+    pub fn last_effect_error(&self) -> Option<String> {
+        self.last_effect_error.read().ok().and_then(|g| g.clone())
+    }
+
     /// Set the active plugin version label.
     pub fn set_plugin_version(&self, v: &str) {
         if let Ok(mut g) = self.plugin_version.write() {
@@ -203,6 +239,8 @@ impl Metrics {
                     "plugin_file_missing": p.plugin_missing.load(Ordering::Relaxed),
                     "last_reload_error": p.last_reload_error(),
                     "last_broker_error": p.last_broker_error(),
+                    "last_effect_error": p.last_effect_error(),
+                    "blocked": p.blocked.read().ok().and_then(|g| g.clone()),
                 })
             })
             .collect();
@@ -212,7 +250,7 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let families: [(&str, &str, &str); 14] = [
+        let families: [(&str, &str, &str); 17] = [
             (
                 "warren_messages_total",
                 "counter",
@@ -279,6 +317,21 @@ impl Metrics {
                 "gauge",
                 "1 while the plugin file is gone (the loaded version serves).",
             ),
+            (
+                "warren_broker_blocked",
+                "gauge",
+                "1 while the broker blocks the pipeline's connection (resource alarm).",
+            ),
+            (
+                "warren_poison_parked_total",
+                "counter",
+                "Messages parked in the DLQ because the broker session died with them in flight session_death_limit times.",
+            ),
+            (
+                "warren_topology_repairs_total",
+                "counter",
+                "Missing queues of the pipeline declared again after a copy could not reach them.",
+            ),
         ];
         for (name, kind, help) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -340,6 +393,9 @@ impl Metrics {
                             "warren_in_flight" => u64::try_from(p.in_flight.load(r)).unwrap_or(0),
                             "warren_broker_connected" => u64::from(p.connected.load(r)),
                             "warren_plugin_file_missing" => u64::from(p.plugin_missing.load(r)),
+                            "warren_broker_blocked" => u64::from(p.blocked()),
+                            "warren_topology_repairs_total" => p.topology_repairs.load(r),
+                            "warren_poison_parked_total" => p.poison_parked.load(r),
                             _ => p.reconnects.load(r),
                         };
                         let _ = writeln!(out, "{name}{{{l}}} {v}");

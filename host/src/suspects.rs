@@ -1,0 +1,182 @@
+//! Messages that keep killing the broker session: a general defence against
+//! poison messages whose effect (or whose long call) makes the broker close the
+//! connection or channel, such as a forged direct reply-to address, or a call
+//! longer than the broker's `consumer_timeout`.
+//!
+//! Such a message never settles: the broker requeues it with everything else
+//! unsettled, warren reconnects, gets it again, and it kills the session again,
+//! re-running its neighbours each time whose acks died with the connection. A
+//! quorum queue's delivery limit ends that after many rounds (dead-lettering
+//! without warren's headers), a classic queue never does.
+//!
+//! So each session keeps the deliveries that are in flight, taken by a worker
+//! and not yet settled, and what each is doing: its call running, or its
+//! effects published and not yet confirmed. When the session dies, the
+//! suspects are the deliveries whose effects were unconfirmed (the broker
+//! closes the connection over an effect it cannot deliver), and, when the
+//! broker closed the consume channel because an ack took too long
+//! (`consumer_timeout`), those whose call was running. The pipeline's
+//! [`Ledger`] counts a death for each. A delivery that comes back marked
+//! redelivered and has been a suspect at `session_death_limit` deaths is
+//! parked in `<queue>.dlq` with a reason saying so, without calling the plugin
+//! or sending any of its effects. Neighbours that had only an ack left to send
+//! are never suspects: the death is not charged to them, however often they
+//! are re-run beside the poison message. A neighbour whose own effects were
+//! unconfirmed at the same deaths is charged too; its copy in the DLQ says why.
+//!
+//! A message is known by a digest of its address, its identifying properties
+//! and its body (the first and last 4 KiB and the length, so that the digest
+//! costs the same for any size). Two identical messages share a count; that
+//! errs towards parking a copy of a message that did kill sessions. The count
+//! lives in the process: a replica that never saw the deaths starts from zero,
+//! and the broker's own delivery limit stays the backstop.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Mutex;
+
+use lapin::message::Delivery;
+
+/// Most messages remembered; past it the ledger starts over. A session dying
+/// with thousands of deliveries in flight is itself the problem to look at.
+const CAPACITY: usize = 10_000;
+
+/// Bytes of the body's start and end that go into the digest.
+const SAMPLE: usize = 4096;
+
+/// A message's identity across deliveries.
+pub fn key(d: &Delivery) -> u64 {
+    let mut h = DefaultHasher::new();
+    d.exchange.as_str().hash(&mut h);
+    d.routing_key.as_str().hash(&mut h);
+    let p = &d.properties;
+    p.message_id().as_ref().map(|s| s.as_str()).hash(&mut h);
+    p.correlation_id().as_ref().map(|s| s.as_str()).hash(&mut h);
+    p.reply_to().as_ref().map(|s| s.as_str()).hash(&mut h);
+    p.timestamp().hash(&mut h);
+    let body = &d.data;
+    body.len().hash(&mut h);
+    body[..body.len().min(SAMPLE)].hash(&mut h);
+    body[body.len().saturating_sub(SAMPLE)..].hash(&mut h);
+    h.finish()
+}
+
+/// Deaths of a session while each message was in flight, per pipeline.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    deaths: Mutex<HashMap<u64, u32>>,
+}
+
+impl Ledger {
+    /// Count one more death for each of `keys`.
+    pub fn record(&self, keys: impl IntoIterator<Item = u64>) {
+        let Ok(mut deaths) = self.deaths.lock() else {
+            return;
+        };
+        for k in keys {
+            if deaths.len() >= CAPACITY && !deaths.contains_key(&k) {
+                deaths.clear();
+            }
+            let n = deaths.entry(k).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// Deaths counted for `key`.
+    pub fn deaths(&self, key: u64) -> u32 {
+        self.deaths
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&key).copied())
+            .unwrap_or(0)
+    }
+
+    /// The message settled (or was parked): start over for it.
+    pub fn forget(&self, key: u64) {
+        if let Ok(mut d) = self.deaths.lock()
+            && !d.is_empty()
+        {
+            d.remove(&key);
+        }
+    }
+}
+
+/// What an in-flight delivery is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Its plugin call is running (or about to).
+    Running,
+    /// Its effects are published and not confirmed yet.
+    Publishing,
+}
+
+/// The deliveries of one session that are in flight, by delivery tag.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    keys: Mutex<HashMap<u64, (u64, Stage)>>,
+}
+
+impl InFlight {
+    /// Delivery `tag` (message `key`) was taken by a worker.
+    pub fn taken(&self, tag: u64, key: u64) {
+        if let Ok(mut k) = self.keys.lock() {
+            k.insert(tag, (key, Stage::Running));
+        }
+    }
+
+    /// Delivery `tag`'s effects are being published.
+    pub fn publishing(&self, tag: u64) {
+        if let Ok(mut k) = self.keys.lock()
+            && let Some(entry) = k.get_mut(&tag)
+        {
+            entry.1 = Stage::Publishing;
+        }
+    }
+
+    /// Delivery `tag` is settled: no longer a suspect.
+    pub fn settled(&self, tag: u64) -> Option<u64> {
+        self.keys
+            .lock()
+            .ok()
+            .and_then(|mut k| k.remove(&tag))
+            .map(|(key, _)| key)
+    }
+
+    /// The suspects of a session that just died: deliveries whose effects
+    /// were unconfirmed, and with `running_too` those whose call was running.
+    pub fn suspects(&self, running_too: bool) -> Vec<u64> {
+        self.keys
+            .lock()
+            .map(|k| {
+                k.values()
+                    .filter(|(_, stage)| running_too || *stage == Stage::Publishing)
+                    .map(|(key, _)| *key)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{InFlight, Ledger};
+
+    #[test]
+    fn deaths_are_counted_per_message_until_it_settles() {
+        let ledger = Ledger::default();
+        let session = InFlight::default();
+        session.taken(1, 0xbad);
+        session.taken(2, 0x600d);
+        session.taken(3, 0x5105);
+        session.publishing(1);
+        assert_eq!(session.settled(2), Some(0x600d));
+        // Only a consumer timeout charges a call that is still running.
+        assert_eq!(session.suspects(true).len(), 2);
+        ledger.record(session.suspects(false));
+        ledger.record([0xbad]);
+        assert_eq!(ledger.deaths(0xbad), 2);
+        assert_eq!(ledger.deaths(0x600d), 0);
+        ledger.forget(0xbad);
+        assert_eq!(ledger.deaths(0xbad), 0);
+    }
+}

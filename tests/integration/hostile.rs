@@ -1,0 +1,241 @@
+//! Hostile input, refused effects and broker trouble, each against the real
+//! broker and for quorum and classic queues alike: the pipeline keeps
+//! consuming (no reconnect), the message ends in exactly one terminal place
+//! with a reason, and nothing else is lost.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use warren::disposition::Disposition;
+use warren::envelope::header_frame_len;
+use warren_tests::{Client, broker_url, config, eventually, header, headers, raw, start, unique};
+
+use crate::{FAST_RETRY, pipeline};
+
+const WAIT: Duration = Duration::from_secs(30);
+const QUEUE_TYPES: [&str; 2] = ["quorum", "classic"];
+
+/// Wait until `queue` exists (again).
+async fn exists(client: &Client, queue: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.depth(queue).await.is_err() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} was not declared again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A probe pipeline on a fresh queue of type `qt`.
+async fn probe(qt: &str, prefix: &str) -> anyhow::Result<(warren::Running, String, String)> {
+    let q = unique(&format!("{prefix}-{qt}"));
+    let name = unique(prefix);
+    let extra = format!("queue_type = {qt:?}\n{FAST_RETRY}");
+    let warren = start(config(&pipeline(&name, &q, "probe", &extra))?).await?;
+    Ok((warren, q, name))
+}
+
+#[tokio::test]
+async fn a_deleted_dlq_or_retry_tier_is_declared_again() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    for qt in QUEUE_TYPES {
+        let (warren, q, name) = probe(qt, "missing").await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        let dlq = format!("{q}.dlq");
+
+        client.delete_queue(&dlq).await?;
+        client.send(&q, b"dead-letter parked").await?;
+        exists(&client, &dlq).await?;
+        let d = client.take_one(&dlq, WAIT).await?;
+        assert_eq!(
+            header(&d, "x-warren-reason").as_deref(),
+            Some("parked"),
+            "{qt}"
+        );
+
+        // A retry tier gone: the retry still goes through it, three attempts.
+        client.delete_queue(&format!("{q}.retry.100")).await?;
+        client.send(&q, b"retry flaky").await?;
+        let d = client.take_one(&dlq, WAIT).await?;
+        assert_eq!(
+            header(&d, "x-warren-reason").as_deref(),
+            Some("gave up after 3 attempts: flaky"),
+            "{qt}"
+        );
+        assert!(m.topology_repairs.load(Ordering::Relaxed) >= 2, "{qt}");
+        assert_eq!(
+            m.requeued.load(Ordering::Relaxed),
+            0,
+            "{qt}: never requeued"
+        );
+        assert_eq!(m.reconnects.load(Ordering::Relaxed), 0, "{qt}");
+        assert_eq!(client.depth(&q).await?, 0, "{qt}");
+        assert_eq!(client.depth(&dlq).await?, 0, "{qt}: exactly one copy");
+        warren.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_header_name_that_is_not_utf8_does_not_stop_the_pipeline() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    for qt in QUEUE_TYPES {
+        let (warren, q, name) = probe(qt, "not-utf8").await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        let dlq = format!("{q}.dlq");
+        // What pika sends for headers={b"bad\xffkey": "v"}; RabbitMQ relays it.
+        raw::publish(
+            &broker_url(),
+            "",
+            &q,
+            &[(b"bad\xffkey".to_vec(), b"v".to_vec())],
+            b"dead-letter hostile header",
+        )
+        .await?;
+        client.send(&q, b"ack").await?;
+        let d = client.take_one(&dlq, WAIT).await?;
+        assert_eq!(
+            header(&d, "x-warren-reason").as_deref(),
+            Some("hostile header"),
+            "{qt}"
+        );
+        // The byte that is not UTF-8 reads as '?'; the value is intact.
+        assert_eq!(header(&d, "bad?key").as_deref(), Some("v"), "{qt}");
+        eventually(WAIT, || m.outcome_count(Disposition::Ack) == 1).await?;
+        assert_eq!(m.reconnects.load(Ordering::Relaxed), 0, "{qt}");
+        assert_eq!(client.depth(&q).await?, 0, "{qt}");
+        warren.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn output_to_a_missing_exchange_is_dead_lettered_not_looped() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    for qt in QUEUE_TYPES {
+        let (warren, q, name) = probe(qt, "no-exchange").await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        let dlq = format!("{q}.dlq");
+        let missing = unique("no-such-exchange");
+        client
+            .send(&q, format!("publish {missing} key hello").as_bytes())
+            .await?;
+        client.send(&q, b"ack").await?;
+        let d = client.take_one(&dlq, WAIT).await?;
+        let reason = header(&d, "x-warren-reason").unwrap_or_default();
+        assert!(
+            reason.contains(&missing) && reason.contains("NOT_FOUND"),
+            "{qt}: {reason}"
+        );
+        eventually(WAIT, || m.outcome_count(Disposition::Ack) == 1).await?;
+        assert_eq!(m.outcome_count(Disposition::DeadLetter), 1, "{qt}");
+        assert_eq!(m.reconnects.load(Ordering::Relaxed), 0, "{qt}");
+        assert_eq!(client.depth(&q).await?, 0, "{qt}");
+        warren.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn producer_headers_that_leave_no_room_are_dropped_from_the_copy() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    let frame_max = client.conn.configuration().frame_max() as usize;
+    for qt in QUEUE_TYPES {
+        let (warren, q, name) = probe(qt, "frame-max").await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        let dlq = format!("{q}.dlq");
+        // A producer's header that just fits one frame: warren's own headers
+        // on the dead-letter copy would push it past frame_max.
+        let props = |n: usize| {
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers(&[("big", &"x".repeat(n))]))
+        };
+        let n = frame_max - 64 - header_frame_len(&props(0));
+        assert!(header_frame_len(&props(n)) <= frame_max);
+        client
+            .publish("", &q, b"dead-letter too big", props(n))
+            .await?;
+        client.send(&q, b"ack").await?;
+        let d = client.take_one(&dlq, WAIT).await?;
+        assert_eq!(
+            header(&d, "x-warren-reason").as_deref(),
+            Some("too big"),
+            "{qt}"
+        );
+        assert_eq!(header(&d, "big"), None, "{qt}");
+        assert!(
+            header(&d, "x-warren-dropped-headers").is_some_and(|h| h.contains("big")),
+            "{qt}"
+        );
+        eventually(WAIT, || m.outcome_count(Disposition::Ack) == 1).await?;
+        assert_eq!(m.reconnects.load(Ordering::Relaxed), 0, "{qt}");
+        warren.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn forged_bookkeeping_headers_are_not_believed() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    let (warren, q, _name) = probe("quorum", "forged").await?;
+    let dlq = format!("{q}.dlq");
+    let props = BasicProperties::default().with_headers(headers(&[
+        ("x-warren-attempt", "999999"),
+        ("x-warren-original-exchange", "forged"),
+    ]));
+    client.publish("", &q, b"retry flaky", props).await?;
+    // Three real attempts, not one.
+    let d = client.take_one(&dlq, WAIT).await?;
+    assert_eq!(
+        header(&d, "x-warren-reason").as_deref(),
+        Some("gave up after 3 attempts: flaky")
+    );
+    assert_eq!(
+        header(&d, "x-warren-original-exchange").as_deref(),
+        Some("")
+    );
+    warren.shutdown().await;
+    Ok(())
+}
+
+/// A direct reply-to address that names a process of a node that does not
+/// exist: RabbitMQ 3.10 fails delivering the reply and closes warren's whole
+/// connection (541 INTERNAL_ERROR), every time the request comes back.
+const FORGED_REPLY_TO: &str =
+    "amq.rabbitmq.reply-to.g2dkABN3YXJyZW4tNTgyMUBsb2NhbGhvc3QAAAPoAAAAAGD3l1kA.xyz";
+
+#[tokio::test]
+async fn a_message_that_keeps_killing_the_session_is_parked() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    for qt in QUEUE_TYPES {
+        let (warren, q, name) = probe(qt, "poison").await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        let dlq = format!("{q}.dlq");
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_reply_to(FORGED_REPLY_TO.into());
+        client.publish("", &q, b"reply hi", props).await?;
+        for _ in 0..10 {
+            client.send(&q, b"ack").await?;
+        }
+        let d = client.take_one(&dlq, WAIT).await?;
+        let reason = header(&d, "x-warren-reason").unwrap_or_default();
+        assert!(
+            reason.contains("suspected poison message") && reason.contains("died 3 times"),
+            "{qt}: {reason}"
+        );
+        assert_eq!(m.poison_parked.load(Ordering::Relaxed), 1, "{qt}");
+        // The neighbours were all handled; the poison message was never
+        // charged to the broker's own delivery limit, and nothing is left.
+        eventually(WAIT, || m.outcome_count(Disposition::Ack) >= 10).await?;
+        eventually(WAIT, || m.connected.load(Ordering::Relaxed)).await?;
+        assert_eq!(client.depth(&q).await?, 0, "{qt}");
+        assert_eq!(client.depth(&dlq).await?, 0, "{qt}: exactly one copy");
+        warren.shutdown().await;
+    }
+    Ok(())
+}
