@@ -416,6 +416,19 @@ pub struct LimitsConfig {
     /// Maximum linear memory of the plugin instance, in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
+    /// Most outputs (publishes, a reply counts as one) per message; more is a
+    /// dead-letter of that message.
+    #[serde(default = "default_max_outputs")]
+    pub max_outputs: u32,
+    /// Most bytes of output bodies per message, in MiB; more is a dead-letter.
+    #[serde(default = "default_max_output_mib")]
+    pub max_output_mib: u64,
+    /// Most `host.log` lines per message; more are dropped and counted.
+    #[serde(default = "default_max_log_lines")]
+    pub max_log_lines: u32,
+    /// Most bytes of `host.log` text per message, in KiB; more is dropped.
+    #[serde(default = "default_max_log_kib")]
+    pub max_log_kib: u64,
 }
 
 impl Default for LimitsConfig {
@@ -423,8 +436,25 @@ impl Default for LimitsConfig {
         Self {
             timeout_ms: default_timeout_ms(),
             memory_mib: default_memory_mib(),
+            max_outputs: default_max_outputs(),
+            max_output_mib: default_max_output_mib(),
+            max_log_lines: default_max_log_lines(),
+            max_log_kib: default_max_log_kib(),
         }
     }
+}
+
+fn default_max_outputs() -> u32 {
+    1000
+}
+fn default_max_output_mib() -> u64 {
+    64
+}
+fn default_max_log_lines() -> u32 {
+    100
+}
+fn default_max_log_kib() -> u64 {
+    64
 }
 
 impl LimitsConfig {
@@ -435,6 +465,14 @@ impl LimitsConfig {
     /// Memory limit in bytes.
     pub fn memory_bytes(&self) -> usize {
         usize::try_from(self.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+    /// Output body budget per message, in bytes.
+    pub fn max_output_bytes(&self) -> usize {
+        usize::try_from(self.max_output_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+    }
+    /// `host.log` budget per message, in bytes.
+    pub fn max_log_bytes(&self) -> usize {
+        usize::try_from(self.max_log_kib.saturating_mul(1024)).unwrap_or(usize::MAX)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod config;
 pub mod disposition;
 pub mod envelope;
+pub mod logtext;
 pub mod ops;
 pub mod pipeline;
 pub mod plugins;

@@ -166,10 +166,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("reading body file {}", f.display()))?,
                 (None, None) => Vec::new(),
             };
-            let limits = InvokeLimits {
-                timeout: Duration::from_millis(timeout_ms),
-                memory_bytes: usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
-            };
+            let limits = InvokeLimits::new(
+                Duration::from_millis(timeout_ms),
+                usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
+            );
             let runtime = Runtime::new(&RuntimeOptions {
                 max_instances: 2,
                 max_memory_bytes: limits.memory_bytes,
@@ -277,15 +277,30 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 fn init_logging(flag: Option<Format>, configured: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // lapin logs a returned (unroutable) message whole, its body as a list of
+    // decimal bytes: one WARN line of megabytes, secrets included. warren logs
+    // unroutable outputs itself (exchange, routing key, size). lapin's own
+    // connection recovery is not used (warren reconnects itself), so its
+    // "aborting recovery" errors only confuse. Unless RUST_LOG names lapin.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin")) {
+        for quiet in ["lapin::returned_messages=off", "lapin::io_loop=off"] {
+            if let Ok(d) = quiet.parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     let json = match flag {
         Some(Format::Json) => true,
         Some(Format::Text) => false,
         None => configured == LogFormat::Json,
     };
+    // Colours only for a terminal: in a file or a log collector the escape
+    // codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().with_current_span(true).init();

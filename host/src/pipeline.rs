@@ -43,6 +43,7 @@ use crate::broker::{self, KnownExchanges, Publisher, SettleGuard, Settler};
 use crate::config::{BrokerConfig, PipelineConfig};
 use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp, Publication};
 use crate::envelope::Envelope;
+use crate::logtext::Escaped;
 use crate::ops::PipelineMetrics;
 use crate::plugins::{LoadedPlugin, PluginSlot};
 use crate::retry::RetryTiers;
@@ -117,6 +118,8 @@ impl Pipeline {
         let limits = InvokeLimits {
             timeout: config.limits.timeout(),
             memory_bytes: config.limits.memory_bytes(),
+            log_lines: config.limits.max_log_lines,
+            log_bytes: config.limits.max_log_bytes(),
         };
         metrics.set_plugin_version(slot.current().version());
         Self {
@@ -662,9 +665,20 @@ impl Work {
             p.limits,
         );
         p.metrics.observe_handle(invocation.elapsed);
+        let dropped = invocation.log_dropped();
+        if dropped > 0 {
+            p.metrics.log_dropped.fetch_add(dropped, Ordering::Relaxed);
+            message_event!(
+                Level::WARN,
+                p,
+                about,
+                dropped,
+                "plugin log lines over limits.max_log_lines / max_log_kib were dropped"
+            );
+        }
         if let Err(failure) = &invocation.result {
             p.metrics.failure(failure.kind());
-            message_event!(Level::WARN, p, about, failure = %failure, "plugin call failed");
+            message_event!(Level::WARN, p, about, failure = %Escaped(&failure.to_string()), "plugin call failed");
         }
         let result = self.check_outputs(invocation.result);
         let plan = disposition::decide(&p.info, stamp, &env, message.body, result, at);
@@ -717,11 +731,31 @@ impl Work {
         &self,
         result: Result<Outcome, PluginFailure>,
     ) -> Result<Outcome, PluginFailure> {
-        let outs = match &result {
-            Ok(Outcome::Publish(outs)) => outs,
-            Ok(Outcome::Reply(reply)) => &reply.publish,
+        let (outs, reply_bytes) = match &result {
+            Ok(Outcome::Publish(outs)) => (outs, 0),
+            Ok(Outcome::Reply(reply)) => (&reply.publish, reply.body.len()),
             _ => return result,
         };
+        // Caps per message: one message must not make thousands of
+        // publications or hold unbounded memory in their bodies.
+        let limits = &self.pipeline.config.limits;
+        let count = outs.len().saturating_add(usize::from(reply_bytes > 0));
+        if count > limits.max_outputs as usize {
+            return Ok(Outcome::DeadLetter(format!(
+                "the plugin returned {count} outputs; limits.max_outputs allows {}",
+                limits.max_outputs
+            )));
+        }
+        let bytes = outs
+            .iter()
+            .map(|o| o.body.len())
+            .fold(reply_bytes, usize::saturating_add);
+        if bytes > limits.max_output_bytes() {
+            return Ok(Outcome::DeadLetter(format!(
+                "the plugin returned {bytes} bytes of output bodies; limits.max_output_mib allows {} MiB",
+                limits.max_output_mib
+            )));
+        }
         for o in outs {
             if self.exchanges.known(&o.exchange) {
                 continue;
@@ -861,7 +895,7 @@ impl Pipeline {
                 Level::INFO,
                 self,
                 about,
-                reason = %reason,
+                reason = %Escaped(reason),
                 "{}",
                 plan.disposition.label()
             );

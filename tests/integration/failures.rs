@@ -104,10 +104,7 @@ fn invoke_fixture(
 
 #[test]
 fn fixtures_fail_the_way_they_should_without_a_broker() -> anyhow::Result<()> {
-    let limits = InvokeLimits {
-        timeout: Duration::from_millis(100),
-        memory_bytes: 16 << 20,
-    };
+    let limits = InvokeLimits::new(Duration::from_millis(100), 16 << 20);
     assert!(matches!(
         invoke_fixture("trap", limits)?,
         Err(PluginFailure::Trap(_))

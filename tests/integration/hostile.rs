@@ -239,3 +239,35 @@ async fn a_message_that_keeps_killing_the_session_is_parked() -> anyhow::Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn outputs_and_log_lines_per_message_are_capped() -> anyhow::Result<()> {
+    let q = unique("caps");
+    let name = unique("caps");
+    let out = format!("{q}.out");
+    let extra = "[pipeline.limits]\nmax_outputs = 10\nmax_log_lines = 5\n";
+    let warren = start(config(&pipeline(&name, &q, "probe", extra))?).await?;
+    let client = Client::connect().await?;
+    client.declare_queue(&out).await?;
+    let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+
+    client
+        .send(&q, format!("publish-many - {out} 11").as_bytes())
+        .await?;
+    let d = client.take_one(&format!("{q}.dlq"), WAIT).await?;
+    assert_eq!(
+        header(&d, "x-warren-reason").as_deref(),
+        Some("the plugin returned 11 outputs; limits.max_outputs allows 10")
+    );
+    client
+        .send(&q, format!("publish-many - {out} 10").as_bytes())
+        .await?;
+    assert_eq!(client.take(&out, 10, WAIT).await?.len(), 10);
+
+    client.send(&q, b"log-many 20 chatter").await?;
+    eventually(WAIT, || m.outcome_count(Disposition::Ack) == 1).await?;
+    assert_eq!(m.log_dropped.load(Ordering::Relaxed), 15);
+    assert_eq!(client.depth(&q).await?, 0);
+    warren.shutdown().await;
+    Ok(())
+}

@@ -11,6 +11,7 @@ mod examples;
 mod failures;
 mod hostile;
 mod lifecycle;
+mod ops;
 mod outcomes;
 mod polyglot;
 mod reload;

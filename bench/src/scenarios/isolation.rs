@@ -277,10 +277,7 @@ async fn direct_lateness(opts: &Options) -> Result<Direct> {
                 reply_to: None,
                 attempt: 1,
             };
-            let limits = InvokeLimits {
-                timeout,
-                memory_bytes: 64 << 20,
-            };
+            let limits = InvokeLimits::new(timeout, 64 << 20);
             let mut late = Vec::new();
             for _ in 0..calls {
                 let start = Instant::now();

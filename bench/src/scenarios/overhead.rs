@@ -167,10 +167,7 @@ fn measure(
 ) -> Result<Summary> {
     let config = Arc::new(BTreeMap::new());
     let pipeline: Arc<str> = "overhead".into();
-    let limits = InvokeLimits {
-        timeout: Duration::from_secs(5),
-        memory_bytes: 64 << 20,
-    };
+    let limits = InvokeLimits::new(Duration::from_secs(5), 64 << 20);
     for _ in 0..warmup {
         let inv = plugin.invoke(&msg, config.clone(), pipeline.clone(), limits);
         match &inv.result {

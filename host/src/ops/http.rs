@@ -1,14 +1,31 @@
 //! A deliberately tiny HTTP/1.1 server for `/metrics`, `/healthz` and
 //! `/healthz/ready`: three read-only GETs do not justify a web framework.
+//!
+//! It must stay up whoever connects: at most [`MAX_CONNECTIONS`] are served at
+//! once (more are closed as soon as they are accepted), each gets
+//! [`REQUEST_TIMEOUT`] to send its request and take the answer, and a failing
+//! `accept` (out of file descriptors, say) backs off instead of spinning
+//! through log lines.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::Metrics;
+
+/// Connections served at once. A scraper and a few probes need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long one connection may take to send its request and read the answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// First pause after a failed accept; doubles up to `ACCEPT_BACKOFF_MAX`.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serve until `stop` turns true. Binds before returning so callers know the
 /// port is taken (or why not).
@@ -21,22 +38,43 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding the ops endpoint on {addr}"))?;
     tracing::info!(%addr, "ops endpoint listening (/metrics, /healthz, /healthz/ready)");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF_FIRST;
         loop {
-            tokio::select! {
+            let accepted = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let m = metrics.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = respond(stream, &m).await {
-                                tracing::debug!(error = %e, "ops request failed");
-                            }
-                        });
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => {
+                    backoff = ACCEPT_BACKOFF_FIRST;
+                    stream
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ops endpoint accept failed");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        _ = tokio::time::sleep(backoff) => {}
                     }
-                    Err(e) => tracing::warn!(error = %e, "ops endpoint accept failed"),
-                },
-            }
+                    backoff = backoff.saturating_mul(2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Full: closing at once frees the descriptor now.
+                tracing::debug!("ops endpoint busy; connection closed");
+                continue;
+            };
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                match tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &m)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "ops request failed"),
+                    Err(_) => tracing::debug!("ops request timed out"),
+                }
+            });
         }
     }))
 }

@@ -45,6 +45,8 @@ pub struct PipelineMetrics {
     last_reload_error: RwLock<Option<String>>,
     last_broker_error: RwLock<Option<String>>,
     cache: [AtomicU64; 4],
+    /// `host.log` lines dropped over a message's log budget.
+    pub log_dropped: AtomicU64,
     /// Messages parked as suspected poison (the session died with them in
     /// flight `session_death_limit` times).
     pub poison_parked: AtomicU64,
@@ -250,7 +252,7 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let families: [(&str, &str, &str); 17] = [
+        let families: [(&str, &str, &str); 18] = [
             (
                 "warren_messages_total",
                 "counter",
@@ -321,6 +323,11 @@ impl Metrics {
                 "warren_broker_blocked",
                 "gauge",
                 "1 while the broker blocks the pipeline's connection (resource alarm).",
+            ),
+            (
+                "warren_plugin_log_dropped_total",
+                "counter",
+                "host.log lines dropped over a message's limits.max_log_lines or max_log_kib.",
             ),
             (
                 "warren_poison_parked_total",
@@ -396,6 +403,7 @@ impl Metrics {
                             "warren_broker_blocked" => u64::from(p.blocked()),
                             "warren_topology_repairs_total" => p.topology_repairs.load(r),
                             "warren_poison_parked_total" => p.poison_parked.load(r),
+                            "warren_plugin_log_dropped_total" => p.log_dropped.load(r),
                             _ => p.reconnects.load(r),
                         };
                         let _ = writeln!(out, "{name}{{{l}}} {v}");

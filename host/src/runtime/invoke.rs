@@ -19,6 +19,23 @@ pub struct InvokeLimits {
     pub timeout: Duration,
     /// Cap on the instance's linear memory.
     pub memory_bytes: usize,
+    /// `host.log` lines kept per call; the rest are dropped and counted.
+    pub log_lines: u32,
+    /// `host.log` bytes kept per call.
+    pub log_bytes: usize,
+}
+
+impl InvokeLimits {
+    /// These time and memory limits, with the default log budget (100 lines,
+    /// 64 KiB per call).
+    pub fn new(timeout: Duration, memory_bytes: usize) -> Self {
+        Self {
+            timeout,
+            memory_bytes,
+            log_lines: 100,
+            log_bytes: 64 << 10,
+        }
+    }
 }
 
 /// Why a call produced no outcome. Each is a failed attempt of that message only.
@@ -70,6 +87,13 @@ pub struct Invocation {
     _store: Store<HostState>,
 }
 
+impl Invocation {
+    /// `host.log` lines the call made beyond its budget, dropped.
+    pub fn log_dropped(&self) -> u64 {
+        self._store.data().log_dropped()
+    }
+}
+
 impl fmt::Debug for Invocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Invocation")
@@ -91,7 +115,7 @@ pub(crate) fn invoke(
 ) -> Invocation {
     let start = Instant::now();
     let engine = pre.engine();
-    let mut store = Store::new(engine, HostState::new(config, log, limits.memory_bytes));
+    let mut store = Store::new(engine, HostState::new(config, log, limits));
     store.limiter(|s| &mut s.limiter);
     // The current tick is already partly over, so one more tick makes sure a
     // plugin always gets its whole timeout (and is stopped within a tick after).

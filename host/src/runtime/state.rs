@@ -9,6 +9,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Level, warren};
+use crate::logtext::Escaped;
 
 /// Bytes of stdout (and, separately, stderr) kept per invocation. A plugin that
 /// prints more gets a write error, which a Rust `println!` turns into a trap.
@@ -30,6 +31,10 @@ pub(crate) struct HostState {
     pub(crate) limiter: MemoryLimiter,
     config: Arc<BTreeMap<String, String>>,
     log: LogContext,
+    /// What is left of the call's `host.log` budget, and what was dropped.
+    log_lines_left: u32,
+    log_bytes_left: usize,
+    log_dropped: u64,
 }
 
 struct Wasi {
@@ -63,15 +68,23 @@ impl HostState {
     pub(crate) fn new(
         config: Arc<BTreeMap<String, String>>,
         log: LogContext,
-        memory_bytes: usize,
+        limits: super::InvokeLimits,
     ) -> Self {
         Self {
             wasi: None,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter::new(memory_bytes),
+            limiter: MemoryLimiter::new(limits.memory_bytes),
             config,
             log,
+            log_lines_left: limits.log_lines,
+            log_bytes_left: limits.log_bytes,
+            log_dropped: 0,
         }
+    }
+
+    /// `host.log` lines dropped over the budget so far.
+    pub(crate) fn log_dropped(&self) -> u64 {
+        self.log_dropped
     }
 
     /// What the guest said about its crash on stderr, if anything: the
@@ -96,6 +109,7 @@ impl HostState {
                 .lines()
                 .filter(|l| !l.trim().is_empty())
             {
+                let line = Escaped(line);
                 if stream == "stderr" {
                     tracing::warn!(target: "warren::plugin", pipeline = p, version = v, stream, "{line}");
                 } else {
@@ -119,7 +133,16 @@ impl warren::plugin::types::Host for HostState {}
 
 impl warren::plugin::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        // One message must not flood the log: past the budget, lines are
+        // dropped and counted (the pipeline reports them).
+        if self.log_lines_left == 0 || message.len() > self.log_bytes_left {
+            self.log_dropped = self.log_dropped.saturating_add(1);
+            return;
+        }
+        self.log_lines_left -= 1;
+        self.log_bytes_left -= message.len();
         let (p, v) = (&*self.log.pipeline, &*self.log.plugin_version);
+        let message = Escaped(&message);
         match level {
             Level::Trace => {
                 tracing::trace!(target: "warren::plugin", pipeline = p, version = v, "{message}")

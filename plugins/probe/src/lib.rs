@@ -19,6 +19,7 @@
 //! | `spin` | loop forever |
 //! | `hog` | allocate until memory runs out |
 //! | `log <level> <text>` | host log at trace/debug/info/warn/error, then ack |
+//! | `log-many <n> <text>` | `n` host log lines at info, then ack |
 //! | `config <key>` | reply with the config value, or `<none>` |
 //! | `echo-meta` | reply with the message's fields as JSON |
 //! | `fail-until <n>` | retry `attempt <k>` while attempt k < n, then ack |
@@ -104,6 +105,14 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
                 _ => return Err(format!("unknown log level {level:?}")),
             };
             log::log(level, text);
+            Outcome::ack()
+        }
+        "log-many" => {
+            let (n, text) = args.split_once(' ').unwrap_or((args, ""));
+            let n: u32 = n.parse().map_err(|_| format!("bad count {n:?}"))?;
+            for _ in 0..n {
+                log::log(log::Level::Info, text);
+            }
             Outcome::ack()
         }
         "config" => Outcome::reply(config(args).unwrap_or_else(|| "<none>".into())),

@@ -1,0 +1,48 @@
+//! Text from plugins and producers (log calls, printed lines, failure and
+//! dead-letter reasons) on its way into warren's log. In the text format a
+//! newline in such text would start what looks like a line of warren's own (a
+//! producer once forged a `warren: stopped` line through a dead-letter
+//! reason), and escape sequences would drive the reader's terminal. So control
+//! characters are written escaped, as `\n`, `\r`, `\t` or `\u{1b}`; in the
+//! JSON format they were escaped already, and this only makes them readable.
+
+use std::fmt;
+
+/// Display `text` with its control characters escaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(i) = rest.find(char::is_control) {
+            f.write_str(&rest[..i])?;
+            let mut chars = rest[i..].chars();
+            if let Some(c) = chars.next() {
+                match c {
+                    '\n' => f.write_str("\\n")?,
+                    '\r' => f.write_str("\\r")?,
+                    '\t' => f.write_str("\\t")?,
+                    c => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+                }
+            }
+            rest = chars.as_str();
+        }
+        f.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaped;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        let forged = "bad input\n2026-11-30T00:00:00Z  INFO warren: stopped\x1b[2J\tok ✓";
+        assert_eq!(
+            Escaped(forged).to_string(),
+            "bad input\\n2026-11-30T00:00:00Z  INFO warren: stopped\\u{1b}[2J\\tok ✓"
+        );
+        assert_eq!(Escaped("plain").to_string(), "plain");
+    }
+}
