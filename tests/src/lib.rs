@@ -112,7 +112,12 @@ pub struct Client {
 impl Client {
     /// Connect with a confirm-mode channel.
     pub async fn connect() -> Result<Self> {
-        let conn = Connection::connect(&broker_url(), ConnectionProperties::default())
+        Self::connect_to(&broker_url()).await
+    }
+
+    /// Connect to the broker at `url` with a confirm-mode channel.
+    pub async fn connect_to(url: &str) -> Result<Self> {
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .context("connecting the test client")?;
         let channel = conn.create_channel().await?;
@@ -167,6 +172,22 @@ impl Client {
         self.channel
             .queue_declare(queue.into(), opts, FieldTable::default())
             .await?;
+        Ok(())
+    }
+
+    /// Declare a durable classic queue as warren declares a pipeline's queue
+    /// of `queue_type = "classic"`.
+    pub async fn declare_classic(&self, queue: &str) -> Result<()> {
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        self.channel.queue_declare(queue.into(), opts, args).await?;
         Ok(())
     }
 

@@ -1,0 +1,152 @@
+//! A broker resource alarm, on a broker of this test's own (an alarm blocks
+//! every publisher of a broker, so the shared test broker cannot have one):
+//! warren shows the blocked connection, and shutdown still honours its grace.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use warren_tests::{Client, config_for, eventually, unique};
+
+use crate::pipeline;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A private RabbitMQ started with `scripts/broker.sh`, stopped on drop.
+struct PrivateBroker {
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateBroker {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(Self::script())
+            .args(args)
+            .env("BROKER_PORT", self.port.to_string())
+            .env("BROKER_DIR", &self.dir)
+            .env_remove("BROKER_TLS_PORT");
+        c
+    }
+
+    fn start() -> anyhow::Result<Self> {
+        let port = free_port_family()?;
+        let dir = std::env::temp_dir().join(unique("alarm-broker"));
+        let broker = Self { port, dir };
+        let out = broker
+            .command(&["start"])
+            .output()
+            .context("running broker.sh")?;
+        if !out.status.success() {
+            bail!(
+                "the private broker did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(broker)
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["ctl"];
+        all.extend_from_slice(args);
+        let out = self.command(&all).output()?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.command(&["stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port `p` such that `p`, `p + 1000`, `p + 10000` and `p + 20000` (AMQP,
+/// epmd, management, distribution) are all free now.
+fn free_port_family() -> anyhow::Result<u16> {
+    for _ in 0..200 {
+        let p = 20_000 + (fastrand_u16() % 5_000);
+        let free = [0u16, 1000, 10_000, 20_000]
+            .iter()
+            .all(|d| std::net::TcpListener::bind(("127.0.0.1", p + d)).is_ok());
+        if free {
+            return Ok(p);
+        }
+    }
+    bail!("no free port family for a private broker")
+}
+
+fn fastrand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id()) as u16
+}
+
+#[tokio::test]
+async fn a_blocked_connection_is_shown_and_shutdown_keeps_its_grace() -> anyhow::Result<()> {
+    let broker = tokio::task::spawn_blocking(PrivateBroker::start).await??;
+    let q = unique("alarm");
+    let out = format!("{q}.out");
+    // The work is queued before the alarm and before warren starts: once the
+    // alarm is raised, every publisher waits, the test's too.
+    let client = Client::connect_to(&broker.url()).await?;
+    client.declare_queue(&out).await?;
+    client.declare_classic(&q).await?;
+    for i in 0..8 {
+        client
+            .send(&q, format!("publish - {out} m{i}").as_bytes())
+            .await?;
+    }
+    drop(client);
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"])?;
+        anyhow::Ok(broker)
+    })
+    .await??;
+
+    let extra = "queue_type = \"classic\"\nconcurrency = 4\nprefetch = 8\n";
+    let mut cfg = config_for(&broker.url(), "", &pipeline("alarm", &q, "probe", extra))?;
+    cfg.ops.shutdown_grace_ms = 2_000;
+    let warren = warren_tests::start(cfg).await?;
+    let m = warren
+        .metrics()
+        .pipeline("alarm")
+        .expect("pipeline metrics");
+    eventually(WAIT, || m.blocked()).await?;
+    let ready = warren.metrics().readiness_json();
+    assert!(ready["pipelines"][0]["blocked"].is_string(), "{ready}");
+    assert!(
+        warren
+            .metrics()
+            .render()
+            .contains("warren_broker_blocked{pipeline=\"alarm\"} 1")
+    );
+
+    // The broker does not read from a blocked connection, not even its close:
+    // shutdown waits out the grace, then leaves.
+    let stopping = Instant::now();
+    tokio::time::timeout(WAIT, warren.shutdown())
+        .await
+        .context("shutdown hung on the blocked connection")?;
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    tokio::task::spawn_blocking(move || drop(broker)).await?;
+    Ok(())
+}
