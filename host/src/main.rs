@@ -279,17 +279,16 @@ fn base64(bytes: &[u8]) -> String {
 fn init_logging(flag: Option<Format>, configured: LogFormat) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // lapin logs a returned (unroutable) message whole, its body as a list of
-    // decimal bytes: one WARN line of megabytes, secrets included. warren logs
-    // unroutable outputs itself (exchange, routing key, size). lapin's own
-    // connection recovery is not used (warren reconnects itself), so its
-    // "aborting recovery" errors only confuse. Unless RUST_LOG names lapin.
-    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin")) {
-        for quiet in ["lapin::returned_messages=off", "lapin::io_loop=off"] {
-            if let Ok(d) = quiet.parse() {
-                filter = filter.add_directive(d);
-            }
-        }
+    // The AMQP library's own lines are off unless RUST_LOG names lapin: it
+    // logs a returned (unroutable) message whole, its body as a list of
+    // decimal bytes (one WARN line of megabytes, secrets included), and two
+    // ERROR lines for every refused or lost connection, which warren reports
+    // itself, once, with what it does about it (unroutable outputs with their
+    // exchange, routing key and size; sessions with the broker's reason).
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin"))
+        && let Ok(d) = "lapin=off".parse()
+    {
+        filter = filter.add_directive(d);
     }
     let json = match flag {
         Some(Format::Json) => true,

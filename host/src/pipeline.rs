@@ -171,7 +171,7 @@ impl Pipeline {
                     self.metrics.connected.store(false, Ordering::Relaxed);
                     let consumed = consuming_since.map(|t: Instant| t.elapsed());
                     let wait = jittered(backoff.after(consumed), fastrand::f64());
-                    let error = format!("{e:#}");
+                    let error = chain_text(&e);
                     tracing::warn!(pipeline = %self.info.name, error = %error, retry_in_ms = wait.as_millis() as u64, "pipeline lost its broker session; reconnecting");
                     self.metrics.set_broker_error(Some(&error));
                     tokio::select! {
@@ -318,6 +318,24 @@ impl Pipeline {
         }
         outcome
     }
+}
+
+/// An error and its causes, `: `-separated like `{:#}`, without the causes
+/// that only repeat what the text before them says: the AMQP library's errors
+/// print their source as part of their own message, so `{:#}` says it twice.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 /// Delays between reconnection attempts: doubling from `first` up to
@@ -928,6 +946,17 @@ mod tests {
             b.after(None);
         }
         assert_eq!(b.after(None), MAX_RECONNECT_DELAY);
+    }
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        let e = anyhow::anyhow!("ACCESS_REFUSED - Login was refused")
+            .context("protocol error: ACCESS_REFUSED - Login was refused")
+            .context("connecting to the broker");
+        assert_eq!(
+            super::chain_text(&e),
+            "connecting to the broker: protocol error: ACCESS_REFUSED - Login was refused"
+        );
     }
 
     #[test]
