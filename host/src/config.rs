@@ -293,6 +293,10 @@ pub struct PipelineConfig {
     /// How many messages are handled in parallel.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Bytes of deliveries the pipeline may hold at once, in MB (MiB): the
+    /// prefetch is lowered to what fits the largest body seen. 0: no budget.
+    #[serde(default = "default_max_in_flight_mb")]
+    pub max_in_flight_mb: u64,
     /// Quorum queues only: deliveries (including requeues after a crash) before
     /// the broker itself dead-letters a message to `<queue>.dlq`. 0 disables.
     #[serde(default = "default_delivery_limit")]
@@ -505,6 +509,9 @@ fn default_delivery_limit() -> u32 {
 }
 fn default_session_death_limit() -> u32 {
     3
+}
+fn default_max_in_flight_mb() -> u64 {
+    256
 }
 fn default_max_attempts() -> u32 {
     5

@@ -9,6 +9,7 @@
 //! their own configuration and shutdown signal; the CLI is a thin wrapper.
 
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod disposition;
 pub mod envelope;

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Wake, Waker};
 use std::time::{Duration, Instant, SystemTime};
@@ -40,6 +40,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{Instrument, Level, field};
 
 use crate::broker::{self, KnownExchanges, Publisher, SettleGuard, Settler};
+use crate::budget::Budget;
 use crate::config::{BrokerConfig, PipelineConfig};
 use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp, Publication};
 use crate::envelope::Envelope;
@@ -77,6 +78,14 @@ const WORKER_STACK: usize = 2 << 20;
 /// to reach the broker before the connection closes.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
 
+/// Consumers started for another prefetch, for unique tags.
+static RESIZES: AtomicU64 = AtomicU64::new(0);
+
+/// A mutex that nothing panics while holding: a poisoned one is still whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// First pause before a delivery whose effects were refused is requeued; it
 /// doubles with each further refusal in a row, up to `REQUEUE_BACKOFF_MAX`.
 const REQUEUE_BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -100,6 +109,8 @@ pub struct Pipeline {
     requeue_streak: AtomicU32,
     /// Session deaths per message in flight at the time (poison messages).
     ledger: Ledger,
+    /// The bytes held in deliveries, bounded through the prefetch.
+    budget: Budget,
 }
 
 impl Pipeline {
@@ -122,6 +133,10 @@ impl Pipeline {
             log_bytes: config.limits.max_log_bytes(),
         };
         metrics.set_plugin_version(slot.current().version());
+        let budget = Budget::new(
+            usize::try_from(config.max_in_flight_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+            config.prefetch,
+        );
         Self {
             plugin_config: Arc::new(config.config.clone()),
             config,
@@ -131,6 +146,7 @@ impl Pipeline {
             limits,
             requeue_streak: AtomicU32::new(0),
             ledger: Ledger::default(),
+            budget,
         }
     }
 
@@ -241,10 +257,14 @@ impl Pipeline {
             .create_channel()
             .await
             .context("opening the consume channel")?;
+        let prefetch = self.budget.prefetch();
         channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
+        self.metrics
+            .prefetch
+            .store(u64::from(prefetch), Ordering::Relaxed);
         let tag: ShortString = format!("warren-{name}-{}", std::process::id()).into();
         let queue = ShortString::try_new(self.config.queue.clone())
             .map_err(|_| anyhow!("queue name too long"))?;
@@ -258,6 +278,8 @@ impl Pipeline {
             )
             .await
             .with_context(|| format!("consuming from queue {:?}", self.config.queue))?;
+        let queue = ShortString::try_new(self.config.queue.clone())
+            .map_err(|_| anyhow!("queue name too long"))?;
         let (settler, mut settling) = Settler::start(channel.clone(), self.metrics.clone());
         let work = Arc::new(Work {
             pipeline: self.clone(),
@@ -268,6 +290,12 @@ impl Pipeline {
             channel: channel.clone(),
             suspects: suspects::InFlight::default(),
             consumer: Mutex::new(consumer),
+            queue,
+            consumer_tag: Mutex::new(tag),
+            prefetch: AtomicU16::new(prefetch),
+            resizing: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            next_consumer: Mutex::new(None),
             broken: Notify::new(),
             ended: Notify::new(),
             end_reason: Mutex::new(None),
@@ -303,6 +331,8 @@ impl Pipeline {
         // channel: workers handle what the consumer still holds, then exit on
         // its end; the settler stops once every delivery has reported.
         self.metrics.connected.store(false, Ordering::Relaxed);
+        work.stopping.store(true, Ordering::SeqCst);
+        let tag = work.current_tag();
         let _ = tokio::time::timeout(
             CLOSE_TIMEOUT,
             channel.basic_cancel(tag, BasicCancelOptions::default()),
@@ -505,6 +535,18 @@ struct Work {
     /// the delivery is handled on the thread lapin's I/O thread woke, with no
     /// further hand-off, and the next worker is already waiting meanwhile.
     consumer: Mutex<Consumer>,
+    /// The queue consumed, for a consumer with another prefetch.
+    queue: ShortString,
+    /// Tag of the consumer the workers read from now.
+    consumer_tag: Mutex<ShortString>,
+    /// Its prefetch.
+    prefetch: AtomicU16,
+    /// A move to a consumer with another prefetch is under way.
+    resizing: AtomicBool,
+    /// The session is stopping: no new consumers.
+    stopping: AtomicBool,
+    /// The consumer to read from once the current one has ended.
+    next_consumer: Mutex<Option<Consumer>>,
     /// Notified when the publish channel is found closed: the session restarts.
     broken: Notify,
     /// Notified when the consumer ends or fails; `end_reason` says why.
@@ -544,15 +586,25 @@ impl Work {
                 if self.finished.load(Ordering::Relaxed) {
                     return;
                 }
-                let next = self.runtime.block_on(consumer.next());
-                if !matches!(next, Some(Ok(_))) {
-                    // Marked before the lock is released: a worker that took
-                    // the lock next would otherwise wait on a stream that has
-                    // already ended, and hold up the shutdown until the
-                    // connection closes.
-                    self.finished.store(true, Ordering::Relaxed);
+                loop {
+                    let next = self.runtime.block_on(consumer.next());
+                    if next.is_none()
+                        && let Some(replacement) = self.take_next_consumer()
+                    {
+                        // The old consumer was cancelled for one with another
+                        // prefetch, and has handed out all it held.
+                        *consumer = replacement;
+                        continue;
+                    }
+                    if !matches!(next, Some(Ok(_))) {
+                        // Marked before the lock is released: a worker that took
+                        // the lock next would otherwise wait on a stream that has
+                        // already ended, and hold up the shutdown until the
+                        // connection closes.
+                        self.finished.store(true, Ordering::Relaxed);
+                    }
+                    break next;
                 }
-                next
             };
             let delivery = match next {
                 Some(Ok(d)) => d,
@@ -563,6 +615,13 @@ impl Work {
             };
             let key = suspects::key(&delivery);
             self.suspects.taken(delivery.delivery_tag, key);
+            if let Some(want) = (self.pipeline.budget)
+                .observe(delivery.data.len(), self.prefetch.load(Ordering::Relaxed))
+                && !self.stopping.load(Ordering::Relaxed)
+                && !self.resizing.swap(true, Ordering::Relaxed)
+            {
+                self.runtime.spawn(self.clone().resize(want));
+            }
             let job = Job {
                 settle: settler.guard(delivery.delivery_tag),
                 in_flight: InFlight::new(&self.pipeline.metrics),
@@ -579,6 +638,64 @@ impl Work {
                 tracing::error!(pipeline = %self.pipeline.info.name, "handling a message panicked; it is requeued");
             }
         }
+    }
+
+    /// Move to a consumer with prefetch `want`: RabbitMQ applies a changed
+    /// prefetch to consumers started after the change only. The new consumer
+    /// is ready before the old one is cancelled; workers read the old one to
+    /// its end (what it already received is handled), then the new one.
+    async fn resize(self: Arc<Self>, want: u16) {
+        let p = &self.pipeline;
+        let moved = async {
+            self.channel
+                .basic_qos(want, BasicQosOptions::default())
+                .await
+                .context("setting the prefetch")?;
+            let n = RESIZES.fetch_add(1, Ordering::Relaxed);
+            let tag: ShortString =
+                format!("warren-{}-{}-{n}", p.info.name, std::process::id()).into();
+            let consumer = self
+                .channel
+                .basic_consume(
+                    self.queue.clone(),
+                    tag.clone(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .context("consuming with the new prefetch")?;
+            *lock(&self.next_consumer) = Some(consumer);
+            let old = std::mem::replace(&mut *lock(&self.consumer_tag), tag.clone());
+            if self.stopping.load(Ordering::SeqCst) {
+                // The stop may have cancelled the old tag before it was
+                // replaced: the new consumer must not outlive it.
+                let _ = self
+                    .channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await;
+            }
+            let was = self.prefetch.swap(want, Ordering::Relaxed);
+            p.metrics.prefetch.store(u64::from(want), Ordering::Relaxed);
+            self.channel
+                .basic_cancel(old, BasicCancelOptions::default())
+                .await
+                .context("cancelling the consumer with the old prefetch")?;
+            tracing::info!(pipeline = %p.info.name, from = was, to = want, "prefetch set for the largest message seen (max_in_flight_mb)");
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = moved {
+            tracing::warn!(pipeline = %p.info.name, error = %format!("{e:#}"), "could not change the prefetch");
+        }
+        self.resizing.store(false, Ordering::Relaxed);
+    }
+
+    fn take_next_consumer(&self) -> Option<Consumer> {
+        lock(&self.next_consumer).take()
+    }
+
+    fn current_tag(&self) -> ShortString {
+        lock(&self.consumer_tag).clone()
     }
 
     /// The consumer ended: stop every worker, and the session if it still runs.

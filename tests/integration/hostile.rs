@@ -271,3 +271,29 @@ async fn outputs_and_log_lines_per_message_are_capped() -> anyhow::Result<()> {
     warren.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn large_bodies_lower_the_prefetch_to_the_memory_budget() -> anyhow::Result<()> {
+    let client = Client::connect().await?;
+    for qt in QUEUE_TYPES {
+        let q = unique(&format!("budget-{qt}"));
+        let name = unique("budget");
+        let extra =
+            format!("queue_type = {qt:?}\nprefetch = 32\nconcurrency = 1\nmax_in_flight_mb = 4\n");
+        let warren = start(config(&pipeline(&name, &q, "probe", &extra))?).await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        // 1 MiB bodies (the probe ignores the padding after its command).
+        let mut body = b"sleep 5".to_vec();
+        body.resize(1 << 20, b' ');
+        for _ in 0..20 {
+            client.send(&q, &body).await?;
+        }
+        eventually(WAIT, || m.outcome_count(Disposition::Ack) == 20).await?;
+        // 4 MiB hold four such bodies, not 32.
+        assert_eq!(m.prefetch.load(Ordering::Relaxed), 4, "{qt}");
+        assert_eq!(m.requeued.load(Ordering::Relaxed), 0, "{qt}");
+        assert_eq!(client.depth(&q).await?, 0, "{qt}");
+        warren.shutdown().await;
+    }
+    Ok(())
+}

@@ -45,6 +45,8 @@ pub struct PipelineMetrics {
     last_reload_error: RwLock<Option<String>>,
     last_broker_error: RwLock<Option<String>>,
     cache: [AtomicU64; 4],
+    /// The prefetch of the pipeline's consumer now (`max_in_flight_mb`).
+    pub prefetch: AtomicU64,
     /// `host.log` lines dropped over a message's log budget.
     pub log_dropped: AtomicU64,
     /// Messages parked as suspected poison (the session died with them in
@@ -252,7 +254,7 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let families: [(&str, &str, &str); 18] = [
+        let families: [(&str, &str, &str); 19] = [
             (
                 "warren_messages_total",
                 "counter",
@@ -323,6 +325,11 @@ impl Metrics {
                 "warren_broker_blocked",
                 "gauge",
                 "1 while the broker blocks the pipeline's connection (resource alarm).",
+            ),
+            (
+                "warren_prefetch",
+                "gauge",
+                "Prefetch of the pipeline's consumer: the configured one, or less to keep max_in_flight_mb.",
             ),
             (
                 "warren_plugin_log_dropped_total",
@@ -404,6 +411,7 @@ impl Metrics {
                             "warren_topology_repairs_total" => p.topology_repairs.load(r),
                             "warren_poison_parked_total" => p.poison_parked.load(r),
                             "warren_plugin_log_dropped_total" => p.log_dropped.load(r),
+                            "warren_prefetch" => p.prefetch.load(r),
                             _ => p.reconnects.load(r),
                         };
                         let _ = writeln!(out, "{name}{{{l}}} {v}");
