@@ -3,10 +3,12 @@
 
 mod cache;
 mod loader;
+mod reload;
 mod slot;
 mod watch;
 
 pub use cache::{CacheOutcome, CompiledCache};
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
+pub use reload::{ReloadResult, Reloader};
 pub use slot::PluginSlot;
-pub use watch::{ReloadResult, Reloader, watch_plugins};
+pub use watch::watch_plugins;
