@@ -278,3 +278,68 @@ async fn the_compiled_cache_is_used_on_restart_and_recovers_from_corruption() ->
     let _ = std::fs::remove_dir_all(cache);
     Ok(())
 }
+
+/// The pipeline's entry in `/healthz/ready`.
+fn readiness(warren: &warren::Running, pipeline: &str) -> serde_json::Value {
+    warren.metrics().readiness_json()["pipelines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == pipeline)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn last_reload_error(warren: &warren::Running, pipeline: &str) -> Option<String> {
+    readiness(warren, pipeline)["last_reload_error"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[tokio::test]
+async fn a_fifo_at_the_plugin_path_is_refused_without_blocking() -> anyhow::Result<()> {
+    let (dir, file) = plugin_dir("tag_a")?;
+    let q = unique("reload-fifo");
+    let out = format!("{q}.out");
+    let cfg = config(&pipeline_at("fifo", &q, &file, ""))?;
+    let warren = start(cfg.clone()).await?;
+    let client = Client::connect().await?;
+    client.declare_queue(&out).await?;
+    let m = warren.metrics().pipeline("fifo").expect("pipeline metrics");
+
+    std::fs::remove_file(&file)?;
+    let made = std::process::Command::new("mkfifo").arg(&file).status()?;
+    assert!(made.success(), "mkfifo failed");
+    eventually(WAIT, || m.reload_failure_count() == 1).await?;
+    let error = last_reload_error(&warren, "fifo").unwrap_or_default();
+    assert!(error.contains("not a regular file"), "{error}");
+    client.send(&q, b"still served").await?;
+    assert_eq!(
+        header(&client.take_one(&out, WAIT).await?, "x-tag").as_deref(),
+        Some("a")
+    );
+
+    // `warren check` loads the same way: refused, not hung.
+    let loader = warren::plugin_loader(&cfg)?;
+    let checked = tokio::time::timeout(
+        WAIT,
+        tokio::task::spawn_blocking(move || warren::load_plugins(&loader, &cfg).map(|_| ())),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("loading a FIFO blocked"))??;
+    let error = format!("{:#}", checked.expect_err("a FIFO is not a plugin"));
+    assert!(error.contains("not a regular file"), "{error}");
+
+    // A real file put back later is loaded, and the error goes away.
+    std::fs::remove_file(&file)?;
+    std::fs::copy(plugin("tag_b"), &file)?;
+    let b = digest_version(&plugin("tag_b"))?;
+    eventually(WAIT, || m.plugin_version() == b).await?;
+    assert_eq!(last_reload_error(&warren, "fifo"), None);
+    assert_eq!(m.reload_failure_count(), 1);
+    tokio::time::timeout(WAIT, warren.shutdown())
+        .await
+        .map_err(|_| anyhow::anyhow!("shutdown hung"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

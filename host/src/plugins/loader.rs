@@ -64,7 +64,8 @@ impl PluginLoader {
 
     /// Load the component at `path`.
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin> {
-        let bytes = std::fs::read(path)
+        let bytes = super::file::read_plugin(path)
+            .map(|f| f.bytes)
             .with_context(|| format!("loading plugin {}: cannot read the file", path.display()))?;
         self.load_bytes(path, &bytes)
     }

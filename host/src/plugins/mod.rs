@@ -2,6 +2,7 @@
 //! pre-instantiated) and kept in a slot that can be swapped as one unit.
 
 mod cache;
+mod file;
 mod loader;
 mod reload;
 mod slot;

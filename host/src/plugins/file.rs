@@ -1,0 +1,265 @@
+//! A plugin file on disk: reading it without ever blocking on something that
+//! is not a regular file.
+
+use std::fs::{File, Metadata};
+use std::io::{self, Read};
+use std::path::Path;
+use std::time::SystemTime;
+
+/// `O_NONBLOCK` for `open(2)`. The standard library does not export it and one
+/// constant does not justify a dependency on libc; the values are the kernel
+/// ABI's. It matters only for what is *not* a regular file: opening a FIFO
+/// without it waits for a writer, for ever. On regular files it is ignored.
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "mips32r6",
+        target_arch = "mips64r6",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    ))
+))]
+const O_NONBLOCK: i32 = 0o4000;
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "mips32r6",
+        target_arch = "mips64r6"
+    )
+))]
+const O_NONBLOCK: i32 = 0o200;
+#[cfg(all(
+    any(target_os = "linux", target_os = "android"),
+    any(target_arch = "sparc", target_arch = "sparc64")
+))]
+const O_NONBLOCK: i32 = 0x4000;
+#[cfg(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+))]
+const O_NONBLOCK: i32 = 0x0004;
+
+/// What identifies one state of a file: which file it is (device, inode) and
+/// its size, modification and change times. Any write, truncation, rename
+/// over, `chmod` or symlink flip changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: Option<SystemTime>,
+    ctime: (i64, i64),
+    mode: u32,
+}
+
+impl FileId {
+    #[cfg(unix)]
+    pub(crate) fn of(m: &Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.modified().ok(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mode: m.mode(),
+        }
+    }
+
+    #[cfg(not(unix))]
+    pub(crate) fn of(m: &Metadata) -> Self {
+        Self {
+            dev: 0,
+            ino: 0,
+            size: m.len(),
+            mtime: m.modified().ok(),
+            ctime: (0, 0),
+            mode: u32::from(m.permissions().readonly()),
+        }
+    }
+}
+
+/// A plugin file's bytes.
+#[derive(Debug)]
+pub(crate) struct PluginFile {
+    pub bytes: Vec<u8>,
+}
+
+/// Why a plugin file could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// Nothing at the path (or a dangling symlink).
+    Missing,
+    /// Something other than a regular file: reading a FIFO or a character
+    /// device could block or never end, a directory has no bytes.
+    NotRegular { kind: &'static str, id: FileId },
+    /// Any other failure (permissions, I/O).
+    Io {
+        error: io::Error,
+        id: Option<FileId>,
+    },
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing => write!(f, "no such file or directory"),
+            Self::NotRegular { kind, .. } => write!(f, "not a regular file (a {kind})"),
+            Self::Io { error, .. } => write!(f, "{error}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+/// Read the plugin file at `path` (symlinks followed). Only a regular file is
+/// read: the type is checked before opening, the open cannot block (a FIFO
+/// swapped in between is refused by the check on the opened file, not waited
+/// on), and the opened file is checked again, so what is read is what was
+/// checked.
+pub(crate) fn read_plugin(path: &Path) -> Result<PluginFile, ReadError> {
+    let io = |error: io::Error, id: Option<FileId>| {
+        if error.kind() == io::ErrorKind::NotFound {
+            ReadError::Missing
+        } else {
+            ReadError::Io { error, id }
+        }
+    };
+    let before = std::fs::metadata(path).map_err(|e| io(e, None))?;
+    regular(&before)?;
+    let mut file = open_nonblocking(path).map_err(|e| io(e, Some(FileId::of(&before))))?;
+    let opened = file.metadata().map_err(|e| io(e, None))?;
+    regular(&opened)?;
+    let id = FileId::of(&opened);
+    let mut bytes = Vec::with_capacity(usize::try_from(opened.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(|e| io(e, Some(id)))?;
+    Ok(PluginFile { bytes })
+}
+
+fn regular(m: &Metadata) -> Result<(), ReadError> {
+    if m.is_file() {
+        return Ok(());
+    }
+    Err(ReadError::NotRegular {
+        kind: kind_of(m),
+        id: FileId::of(m),
+    })
+}
+
+#[cfg(unix)]
+fn kind_of(m: &Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
+#[cfg(not(unix))]
+fn kind_of(m: &Metadata) -> &'static str {
+    if m.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "dragonfly"
+    ))]
+    options.custom_flags(O_NONBLOCK);
+    options.open(path)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    File::open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn special_files_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-file-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("plugin.wasm");
+        let _ = std::fs::remove_file(&fifo);
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // Opening a FIFO for reading without O_NONBLOCK waits for a writer: do
+        // it on a thread, so a regression fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(open_nonblocking(&path).and_then(|f| f.metadata()));
+        });
+        let opened = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("opening a FIFO blocked");
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+            &opened.unwrap().file_type()
+        ));
+        match read_plugin(&fifo) {
+            Err(ReadError::NotRegular { kind: "FIFO", .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        match read_plugin(&dir) {
+            Err(e @ ReadError::NotRegular { .. }) => {
+                assert_eq!(e.to_string(), "not a regular file (a directory)")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            read_plugin(&dir.join("absent")),
+            Err(ReadError::Missing)
+        ));
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(&fifo, b"bytes").unwrap();
+        assert_eq!(read_plugin(&fifo).unwrap().bytes, b"bytes");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
