@@ -343,3 +343,36 @@ async fn a_fifo_at_the_plugin_path_is_refused_without_blocking() -> anyhow::Resu
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_plugin_written_in_separate_appends_loads_without_failures() -> anyhow::Result<()> {
+    let (dir, file) = plugin_dir("tag_a")?;
+    let warren = start(config(&pipeline_at(
+        "appended",
+        &unique("reload-append"),
+        &file,
+        "",
+    ))?)
+    .await?;
+    let m = warren
+        .metrics()
+        .pipeline("appended")
+        .expect("pipeline metrics");
+    let bytes = std::fs::read(plugin("tag_b"))?;
+    std::fs::File::create(&file)?;
+    for chunk in bytes.chunks(bytes.len().div_ceil(10)) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&file)?;
+        f.write_all(chunk)?;
+        drop(f);
+        // A writer pausing between appends for longer than the debounce, so
+        // each partial file is closed and quiet when warren looks at it.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let b = digest_version(&plugin("tag_b"))?;
+    eventually(WAIT, || m.plugin_version() == b).await?;
+    assert_eq!(m.reload_failure_count(), 0, "a partial file was reported");
+    assert_eq!(last_reload_error(&warren, "appended"), None);
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

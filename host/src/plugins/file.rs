@@ -1,10 +1,12 @@
 //! A plugin file on disk: reading it without ever blocking on something that
-//! is not a regular file.
+//! is not a regular file, telling whether it changed (its identity), and
+//! telling whether its bytes are a component cut short by a writer that has
+//! not finished.
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// `O_NONBLOCK` for `open(2)`. The standard library does not export it and one
 /// constant does not justify a dependency on libc; the values are the kernel
@@ -85,12 +87,21 @@ impl FileId {
             mode: u32::from(m.permissions().readonly()),
         }
     }
+
+    /// How long ago the file was last written, by its own clock; zero when its
+    /// time is in the future (a skewed network file system) or unknown.
+    pub(crate) fn age(&self) -> Duration {
+        self.mtime
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default()
+    }
 }
 
-/// A plugin file's bytes.
+/// A plugin file's bytes and the identity they were read under.
 #[derive(Debug)]
 pub(crate) struct PluginFile {
     pub bytes: Vec<u8>,
+    pub id: FileId,
 }
 
 /// Why a plugin file could not be read.
@@ -101,6 +112,8 @@ pub(crate) enum ReadError {
     /// Something other than a regular file: reading a FIFO or a character
     /// device could block or never end, a directory has no bytes.
     NotRegular { kind: &'static str, id: FileId },
+    /// The file changed while it was being read: the bytes mix two versions.
+    Changed,
     /// Any other failure (permissions, I/O).
     Io {
         error: io::Error,
@@ -113,6 +126,7 @@ impl std::fmt::Display for ReadError {
         match self {
             Self::Missing => write!(f, "no such file or directory"),
             Self::NotRegular { kind, .. } => write!(f, "not a regular file (a {kind})"),
+            Self::Changed => write!(f, "the file changed while it was read"),
             Self::Io { error, .. } => write!(f, "{error}"),
         }
     }
@@ -141,7 +155,12 @@ pub(crate) fn read_plugin(path: &Path) -> Result<PluginFile, ReadError> {
     let id = FileId::of(&opened);
     let mut bytes = Vec::with_capacity(usize::try_from(opened.len()).unwrap_or(0));
     file.read_to_end(&mut bytes).map_err(|e| io(e, Some(id)))?;
-    Ok(PluginFile { bytes })
+    // A writer appending or rewriting meanwhile changes size or times.
+    let after = file.metadata().map_err(|e| io(e, Some(id)))?;
+    if FileId::of(&after) != id {
+        return Err(ReadError::Changed);
+    }
+    Ok(PluginFile { bytes, id })
 }
 
 fn regular(m: &Metadata) -> Result<(), ReadError> {
@@ -206,13 +225,101 @@ fn open_nonblocking(path: &Path) -> io::Result<File> {
     File::open(path)
 }
 
+const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+
+/// Whether `bytes` look like the beginning of a component whose end is still
+/// missing: nothing yet, part of the header, or a section that runs past the
+/// end of the file. A writer appending a file in several opens leaves such a
+/// file between its appends. A file that is complete section by section but
+/// broken, or not a component at all, is not "incomplete".
+pub(crate) fn looks_incomplete(bytes: &[u8]) -> bool {
+    let Some(body) = bytes.get(COMPONENT_HEADER.len()..) else {
+        return COMPONENT_HEADER.starts_with(bytes);
+    };
+    if bytes.get(..COMPONENT_HEADER.len()) != Some(&COMPONENT_HEADER[..]) {
+        return false;
+    }
+    // Every top-level section is an id byte, its size as unsigned LEB128 (at
+    // most 5 bytes for a u32), then that many bytes.
+    let mut rest = body;
+    while let Some((_id, after_id)) = rest.split_first() {
+        let mut size: u64 = 0;
+        let mut used = 0usize;
+        loop {
+            let Some(&b) = after_id.get(used) else {
+                return true;
+            };
+            size |= u64::from(b & 0x7f) << (7 * used);
+            used += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if used == 5 {
+                // Not a valid size: broken, not cut short.
+                return false;
+            }
+        }
+        let Some(section) = usize::try_from(size).ok().and_then(|s| s.checked_add(used)) else {
+            return true;
+        };
+        match after_id.get(section..) {
+            Some(next) => rest = next,
+            None => return true,
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::time::Duration;
-
     use super::*;
+
+    fn component(sections: &[(u8, usize)]) -> Vec<u8> {
+        let mut out = COMPONENT_HEADER.to_vec();
+        for &(id, len) in sections {
+            out.push(id);
+            let mut n = len;
+            loop {
+                let b = (n & 0x7f) as u8;
+                n >>= 7;
+                if n == 0 {
+                    out.push(b);
+                    break;
+                }
+                out.push(b | 0x80);
+            }
+            out.extend(std::iter::repeat_n(0xab, len));
+        }
+        out
+    }
+
+    #[test]
+    fn a_component_cut_anywhere_looks_incomplete() {
+        let whole = component(&[(0, 3), (1, 300), (7, 20)]);
+        assert!(!looks_incomplete(&whole));
+        for cut in 0..whole.len() {
+            let prefix = &whole[..cut];
+            // Cutting exactly between two sections leaves a well-formed, shorter
+            // component: that one cannot be told from a complete file.
+            let at_boundary = [8, 8 + 2 + 3, 8 + 2 + 3 + 3 + 300].contains(&cut);
+            assert_eq!(looks_incomplete(prefix), !at_boundary, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn garbage_and_core_modules_are_not_incomplete() {
+        assert!(!looks_incomplete(b"garbage, not a component"));
+        assert!(!looks_incomplete(b"gar"));
+        assert!(!looks_incomplete(&[
+            0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 1, 5
+        ]));
+        // A size that is not valid LEB128 is broken, not short.
+        let mut bad = COMPONENT_HEADER.to_vec();
+        bad.extend([1, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        assert!(!looks_incomplete(&bad));
+    }
 
     #[cfg(unix)]
     #[test]
