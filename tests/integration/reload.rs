@@ -376,3 +376,63 @@ async fn a_plugin_written_in_separate_appends_loads_without_failures() -> anyhow
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+#[tokio::test]
+async fn reload_errors_are_cleared_once_the_file_is_good_again() -> anyhow::Result<()> {
+    let (dir, file) = plugin_dir("tag_a")?;
+    let warren = start(config(&pipeline_at(
+        "clears",
+        &unique("reload-clears"),
+        &file,
+        "",
+    ))?)
+    .await?;
+    let m = warren
+        .metrics()
+        .pipeline("clears")
+        .expect("pipeline metrics");
+    let a = digest_version(&plugin("tag_a"))?;
+
+    // A copy that stopped halfway and was left alone is reported (its time
+    // stamp says it has not changed for a minute), not waited for.
+    let bytes = std::fs::read(plugin("tag_b"))?;
+    {
+        let f = std::fs::File::create(&file)?;
+        (&f).write_all(&bytes[..bytes.len() / 2])?;
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))?;
+    }
+    eventually(WAIT, || m.reload_failure_count() == 1).await?;
+    let error = last_reload_error(&warren, "clears").unwrap_or_default();
+    assert!(error.contains("incomplete"), "{error}");
+
+    // The running version put back: nothing to reload, and nothing wrong.
+    std::fs::copy(plugin("tag_a"), &file)?;
+    eventually(WAIT, || last_reload_error(&warren, "clears").is_none())
+        .await
+        .map_err(|e| anyhow::anyhow!("error kept after the good file came back: {e}"))?;
+    assert_eq!(m.plugin_version(), a);
+    assert_eq!(m.reload_count(), 0);
+
+    // Unreadable, then readable again with the running version. Root reads
+    // anything, so this part needs an unprivileged user.
+    let mut perms = std::fs::metadata(&file)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o000);
+    std::fs::set_permissions(&file, perms.clone())?;
+    if std::fs::File::open(&file).is_err() {
+        eventually(WAIT, || m.reload_failure_count() == 2).await?;
+        let error = last_reload_error(&warren, "clears").unwrap_or_default();
+        assert!(error.contains("ermission denied"), "{error}");
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+        std::fs::set_permissions(&file, perms)?;
+        eventually(WAIT, || last_reload_error(&warren, "clears").is_none())
+            .await
+            .map_err(|e| anyhow::anyhow!("\"Permission denied\" kept: {e}"))?;
+    } else {
+        eprintln!("note: running as root, the unreadable-file part is skipped");
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+        std::fs::set_permissions(&file, perms)?;
+    }
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -114,6 +114,14 @@ impl PipelineMetrics {
         }
     }
 
+    /// Forget the last reload error without counting a reload: the plugin file
+    /// holds the running version again.
+    pub fn clear_reload_error(&self) {
+        if let Ok(mut g) = self.last_reload_error.write() {
+            *g = None;
+        }
+    }
+
     /// Successful reloads so far.
     pub fn reload_count(&self) -> u64 {
         self.reloads.load(Ordering::Relaxed)

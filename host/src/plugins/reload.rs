@@ -80,6 +80,8 @@ struct ReloadState {
     /// What the last reported failure was about, so that an event that changes
     /// nothing (a `touch` of the directory, a reader) does not report it again.
     failed_on: Option<FailedOn>,
+    /// A reload error is showing in the metrics.
+    error_shown: bool,
     /// Digest of the content that last looked cut short, and when it was first seen.
     incomplete: Option<(String, Instant)>,
 }
@@ -293,8 +295,11 @@ impl Reloader {
         };
         match examined {
             Examined::Current => {
+                // The file holds the running version again (a rollback, or
+                // permissions fixed): whatever was reported no longer applies.
                 state.failed_on = None;
                 state.incomplete = None;
+                self.clear_error(&mut state);
                 ReloadResult::Unchanged
             }
             Examined::KnownBad => ReloadResult::Failed("unchanged broken file".into()),
@@ -304,6 +309,7 @@ impl Reloader {
             } => {
                 state.failed_on = None;
                 state.incomplete = None;
+                state.error_shown = false;
                 let new = plugin.version().to_string();
                 let (ms, source) = (
                     u64::try_from(plugin.compile_time().as_millis()).unwrap_or(u64::MAX),
@@ -311,6 +317,7 @@ impl Reloader {
                 );
                 let old = self.slot.swap(plugin);
                 self.metrics.set_plugin_version(&new);
+                // Also clears the last reload error.
                 self.metrics.reloaded(None);
                 self.metrics.cache_outcome(source);
                 tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), old = old.version(), new = %new,
@@ -391,6 +398,15 @@ impl Reloader {
         }
     }
 
+    fn clear_error(&self, state: &mut ReloadState) {
+        if state.error_shown {
+            state.error_shown = false;
+            self.metrics.clear_reload_error();
+            tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), version = self.slot.current().version(),
+                "plugin file holds the running version again; the last reload error no longer applies");
+        }
+    }
+
     fn failed(
         &self,
         state: &mut ReloadState,
@@ -401,6 +417,7 @@ impl Reloader {
             return ReloadResult::Failed(reason);
         }
         state.failed_on = on;
+        state.error_shown = true;
         self.metrics.reloaded(Some(&reason));
         tracing::error!(pipeline = %self.pipeline, file = %self.path.display(), version = self.slot.current().version(),
             error = %reason, "plugin reload failed; the previous version keeps serving");
