@@ -118,7 +118,8 @@ pub fn plugin_loader(config: &Config) -> Result<PluginLoader> {
     }
 }
 
-/// Load every pipeline's plugin. Used by `run` and by `warren check`.
+/// Load every pipeline's plugin and check it against the pipeline's limits.
+/// Used by `run` and by `warren check`.
 pub fn load_plugins(loader: &PluginLoader, config: &Config) -> Result<Vec<LoadedPlugin>> {
     config
         .pipelines
@@ -126,6 +127,11 @@ pub fn load_plugins(loader: &PluginLoader, config: &Config) -> Result<Vec<Loaded
         .map(|p| {
             loader
                 .load(&p.plugin)
+                .and_then(|plugin| {
+                    plugins::check_fits(&plugin, p.limits.memory_bytes())
+                        .with_context(|| format!("loading plugin {}", p.plugin.display()))?;
+                    Ok(plugin)
+                })
                 .with_context(|| format!("pipeline {:?}", p.name))
         })
         .collect()
@@ -180,6 +186,7 @@ pub async fn start(config: Config) -> Result<Running> {
                 loader.clone(),
                 pm.clone(),
                 debounce,
+                p.limits.memory_bytes(),
             ));
             tasks.push(tokio::spawn(r.clone().run(stop_rx.clone())));
             reloaders.push(r);

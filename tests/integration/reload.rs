@@ -436,3 +436,87 @@ async fn reload_errors_are_cleared_once_the_file_is_good_again() -> anyhow::Resu
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+/// A plugin built only when its language's toolchain installs; `None` (after
+/// a note) when it is missing outside CI.
+fn optional_plugin(name: &str) -> Option<PathBuf> {
+    let path = plugin(name);
+    if path.exists() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing: scripts/build-plugins.sh did not build it",
+        path.display()
+    );
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{why}; under CI every language's plugins must build");
+    }
+    eprintln!("note: skipping the rest of this test: {why}");
+    None
+}
+
+#[tokio::test]
+async fn a_plugin_too_big_for_its_own_pipeline_is_refused() -> anyhow::Result<()> {
+    // Rust plugins start with 17 pages (1.1 MiB) of linear memory. The engine
+    // is sized for the largest pipeline, so only the per-pipeline check can
+    // tell that the small one cannot run it.
+    let err = warren::start(config(&format!(
+        "{}{}",
+        crate::pipeline(
+            "tiny",
+            &unique("reload-tiny"),
+            "tag_a",
+            "[pipeline.limits]\nmemory_mib = 1\n",
+        ),
+        crate::pipeline("roomy", &unique("reload-roomy"), "tag_a", "")
+    ))?)
+    .await
+    .expect_err("a plugin that cannot start in 1 MiB is refused at load");
+    let err = format!("{err:#}");
+    assert!(err.contains("limits.memory_mib = 1"), "{err}");
+
+    // The C example starts with 2 pages, so it fits in 1 MiB; a Rust plugin
+    // replacing it fits the roomy pipeline only.
+    let Some(small) = optional_plugin("c_checksum") else {
+        return Ok(());
+    };
+    let (tiny_dir, tiny_file) = plugin_dir("tag_a")?;
+    let (roomy_dir, roomy_file) = plugin_dir("tag_a")?;
+    std::fs::copy(&small, &tiny_file)?;
+    std::fs::copy(&small, &roomy_file)?;
+    let tiny_q = unique("reload-tiny");
+    let warren = start(config(&format!(
+        "{}{}",
+        pipeline_at(
+            "tiny",
+            &tiny_q,
+            &tiny_file,
+            "[pipeline.limits]\nmemory_mib = 1\n"
+        ),
+        pipeline_at("roomy", &unique("reload-roomy"), &roomy_file, "")
+    ))?)
+    .await?;
+    let tiny = warren.metrics().pipeline("tiny").expect("pipeline metrics");
+    let roomy = warren
+        .metrics()
+        .pipeline("roomy")
+        .expect("pipeline metrics");
+    let (small_version, b) = (digest_version(&small)?, digest_version(&plugin("tag_b"))?);
+
+    std::fs::copy(plugin("tag_b"), &tiny_file)?;
+    std::fs::copy(plugin("tag_b"), &roomy_file)?;
+    eventually(WAIT, || roomy.plugin_version() == b).await?;
+    eventually(WAIT, || tiny.reload_failure_count() == 1).await?;
+    assert_eq!(tiny.plugin_version(), small_version);
+    let error = last_reload_error(&warren, "tiny").unwrap_or_default();
+    assert!(error.contains("limits.memory_mib = 1"), "{error}");
+    // The version kept still serves.
+    let mut rpc = warren_tests::RpcClient::connect().await?;
+    let reply = text(&rpc.call(&tiny_q, b"hello", WAIT).await?);
+    assert!(reply.starts_with("crc32="), "{reply}");
+    assert_eq!(roomy.reload_failure_count(), 0);
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(tiny_dir);
+    let _ = std::fs::remove_dir_all(roomy_dir);
+    Ok(())
+}

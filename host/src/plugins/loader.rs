@@ -147,6 +147,11 @@ impl LoadedPlugin {
         &self.version
     }
 
+    /// The compiled component, for checks against a pipeline's limits.
+    pub(crate) fn component(&self) -> &wasmtime::component::Component {
+        self.pre.instance_pre().component()
+    }
+
     /// How long loading took (compiling, or reading the cache, plus checking).
     pub fn compile_time(&self) -> Duration {
         self.compile_time

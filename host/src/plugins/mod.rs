@@ -3,12 +3,14 @@
 
 mod cache;
 mod file;
+mod limits;
 mod loader;
 mod reload;
 mod slot;
 mod watch;
 
 pub use cache::{CacheOutcome, CompiledCache};
+pub use limits::check_fits;
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use reload::{ReloadResult, Reloader};
 pub use slot::PluginSlot;

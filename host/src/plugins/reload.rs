@@ -6,9 +6,9 @@
 //! both ends of the period. The file is then read (only if it is a regular
 //! file, never blocking) and fingerprinted; an unchanged digest is a no-op, so
 //! spurious events cost one read. A new version is compiled (or taken from the
-//! compiled cache) off the message path, checked against the world, and
-//! swapped in as one `Arc`. Anything that fails keeps the old version serving
-//! and is reported once.
+//! compiled cache) off the message path, checked against the world and against
+//! the pipeline's limits, and swapped in as one `Arc`. Anything that fails keeps
+//! the old version serving and is reported once.
 //!
 //! A file that is still being written is not an error: one that changed while
 //! it was read or compiled, or whose last section runs past its end and that
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use super::file::{self, FileId, PluginFile, ReadError};
-use super::{LoadedPlugin, PluginLoader, PluginSlot, digest_of};
+use super::{LoadedPlugin, PluginLoader, PluginSlot, check_fits, digest_of};
 use crate::ops::PipelineMetrics;
 
 /// Longest wait for a writer to close the plugin file before loading anyway
@@ -71,6 +71,7 @@ pub struct Reloader {
     metrics: Arc<PipelineMetrics>,
     signal: Arc<ReloadSignal>,
     debounce: Duration,
+    memory_limit: usize,
     state: tokio::sync::Mutex<ReloadState>,
 }
 
@@ -125,7 +126,8 @@ enum Examined {
 }
 
 impl Reloader {
-    /// A reloader for `path`, feeding `slot`.
+    /// A reloader for `path`, feeding `slot`; a new version must fit in
+    /// `memory_limit` bytes (the pipeline's `limits.memory_mib`).
     pub fn new(
         pipeline: Arc<str>,
         path: PathBuf,
@@ -133,6 +135,7 @@ impl Reloader {
         loader: PluginLoader,
         metrics: Arc<PipelineMetrics>,
         debounce: Duration,
+        memory_limit: usize,
     ) -> Self {
         Self {
             pipeline,
@@ -142,6 +145,7 @@ impl Reloader {
             metrics,
             signal: Arc::default(),
             debounce,
+            memory_limit,
             state: Default::default(),
         }
     }
@@ -262,7 +266,7 @@ impl Reloader {
         };
         self.present(&mut state);
 
-        let (loader, path) = (self.loader.clone(), self.path.clone());
+        let (loader, path, limit) = (self.loader.clone(), self.path.clone(), self.memory_limit);
         // A file already reported as broken is not compiled again when an
         // unrelated event makes us re-read it.
         let known_bad = match &state.failed_on {
@@ -283,7 +287,11 @@ impl Reloader {
                     len: bytes.len(),
                 };
             }
-            let loaded = loader.load_bytes(&path, &bytes);
+            let loaded = loader.load_bytes(&path, &bytes).and_then(|plugin| {
+                check_fits(&plugin, limit)
+                    .map_err(|e| e.context(format!("loading plugin {}", path.display())))?;
+                Ok(plugin)
+            });
             Examined::Loaded { digest, loaded }
         })
         .await;
