@@ -45,7 +45,7 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     ops_addr: Option<std::net::SocketAddr>,
     reloaders: Vec<Arc<Reloader>>,
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<plugins::PluginWatcher>,
 }
 
 impl Running {

@@ -279,6 +279,13 @@ async fn the_compiled_cache_is_used_on_restart_and_recovers_from_corruption() ->
     Ok(())
 }
 
+/// A fresh directory of this test's own.
+fn test_dir(prefix: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// The pipeline's entry in `/healthz/ready`.
 fn readiness(warren: &warren::Running, pipeline: &str) -> serde_json::Value {
     warren.metrics().readiness_json()["pipelines"]
@@ -294,6 +301,184 @@ fn last_reload_error(warren: &warren::Running, pipeline: &str) -> Option<String>
     readiness(warren, pipeline)["last_reload_error"]
         .as_str()
         .map(str::to_string)
+}
+
+#[tokio::test]
+async fn a_plugin_directory_deleted_recreated_or_swapped_is_followed() -> anyhow::Result<()> {
+    let base = test_dir("reload-dir")?;
+    let plugins = base.join("plugins");
+    let file = plugins.join("current.wasm");
+    std::fs::create_dir(&plugins)?;
+    std::fs::copy(plugin("tag_a"), &file)?;
+    let warren = start(config(&pipeline_at(
+        "dir",
+        &unique("reload-dir"),
+        &file,
+        "",
+    ))?)
+    .await?;
+    let m = warren.metrics().pipeline("dir").expect("pipeline metrics");
+    let (a, b) = (
+        digest_version(&plugin("tag_a"))?,
+        digest_version(&plugin("tag_b"))?,
+    );
+    let missing = |w: &warren::Running| readiness(w, "dir")["plugin_file_missing"] == true;
+
+    // rm -rf plugins; mkdir plugins; cp new.wasm plugins/current.wasm
+    std::fs::remove_dir_all(&plugins)?;
+    eventually(WAIT, || missing(&warren)).await?;
+    std::fs::create_dir(&plugins)?;
+    std::fs::copy(plugin("tag_b"), &file)?;
+    eventually(WAIT, || m.plugin_version() == b && !missing(&warren))
+        .await
+        .map_err(|e| anyhow::anyhow!("re-created directory not followed: {e}"))?;
+
+    // mv plugins plugins.old; mv plugins.new plugins
+    std::fs::create_dir(base.join("plugins.new"))?;
+    std::fs::copy(plugin("tag_a"), base.join("plugins.new/current.wasm"))?;
+    std::fs::rename(&plugins, base.join("plugins.old"))?;
+    std::fs::rename(base.join("plugins.new"), &plugins)?;
+    eventually(WAIT, || m.plugin_version() == a)
+        .await
+        .map_err(|e| anyhow::anyhow!("directory swapped by rename not followed: {e}"))?;
+
+    // The directory now at the path is the one watched: a write in it is seen.
+    std::fs::write(&file, std::fs::read(plugin("tag_b"))?)?;
+    eventually(WAIT, || m.plugin_version() == b).await?;
+
+    // Moved away and back (the same directory again), then written in.
+    std::fs::rename(&plugins, base.join("plugins.away"))?;
+    std::fs::rename(base.join("plugins.away"), &plugins)?;
+    std::fs::write(&file, std::fs::read(plugin("tag_a"))?)?;
+    eventually(WAIT, || m.plugin_version() == a)
+        .await
+        .map_err(|e| anyhow::anyhow!("directory moved back not watched again: {e}"))?;
+
+    // The same for a directory further up.
+    let away = PathBuf::from(format!("{}.away", base.display()));
+    std::fs::rename(&base, &away)?;
+    std::fs::rename(&away, &base)?;
+    std::fs::write(&file, std::fs::read(plugin("tag_b"))?)?;
+    eventually(WAIT, || m.plugin_version() == b)
+        .await
+        .map_err(|e| anyhow::anyhow!("ancestor moved back not watched again: {e}"))?;
+
+    assert_eq!(m.reload_failure_count(), 0);
+    assert!(!missing(&warren));
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(base);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flipped_release_symlink_is_followed() -> anyhow::Result<()> {
+    // Capistrano-style: base/current -> releases/N, flipped with
+    // `ln -s releases/N+1 tmp && mv -T tmp current`.
+    let base = test_dir("reload-release")?;
+    let release = |n: &str, from: &str| -> anyhow::Result<()> {
+        let dir = base.join("releases").join(n).join("plugins");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(plugin(from), dir.join("handler.wasm"))?;
+        Ok(())
+    };
+    let flip = |n: &str| -> anyhow::Result<()> {
+        let tmp = base.join("current.tmp");
+        std::os::unix::fs::symlink(format!("releases/{n}"), &tmp)?;
+        std::fs::rename(&tmp, base.join("current"))?;
+        Ok(())
+    };
+    release("1", "tag_a")?;
+    flip("1")?;
+    let file = base.join("current/plugins/handler.wasm");
+    let warren = start(config(&pipeline_at(
+        "release",
+        &unique("reload-release"),
+        &file,
+        "",
+    ))?)
+    .await?;
+    let m = warren
+        .metrics()
+        .pipeline("release")
+        .expect("pipeline metrics");
+    let (a, b) = (
+        digest_version(&plugin("tag_a"))?,
+        digest_version(&plugin("tag_b"))?,
+    );
+
+    release("2", "tag_b")?;
+    flip("2")?;
+    eventually(WAIT, || m.plugin_version() == b)
+        .await
+        .map_err(|e| anyhow::anyhow!("flip to release 2 not followed: {e}"))?;
+    // Rollback, then cleanup of the release left behind: only the flip counts.
+    flip("1")?;
+    eventually(WAIT, || m.plugin_version() == a).await?;
+    std::fs::remove_dir_all(base.join("releases/2"))?;
+    // The release the link points to now is watched: a hotfix written into it is seen.
+    std::fs::write(&file, std::fs::read(plugin("tag_b"))?)?;
+    eventually(WAIT, || m.plugin_version() == b).await?;
+    assert_eq!(m.reload_failure_count(), 0);
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(base);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_kubernetes_configmap_volume_update_is_followed() -> anyhow::Result<()> {
+    // The layout and update sequence of the kubelet's atomic writer:
+    // plugin.wasm -> ..data/plugin.wasm, ..data -> ..<timestamp>; an update
+    // writes a new timestamped directory, renames a new link over `..data`,
+    // then deletes the old directory.
+    let vol = test_dir("reload-k8s")?;
+    let publish = |stamp: &str, from: &str, old: Option<&str>| -> anyhow::Result<()> {
+        let dir = vol.join(stamp);
+        std::fs::create_dir(&dir)?;
+        std::fs::copy(plugin(from), dir.join("plugin.wasm"))?;
+        let tmp = vol.join("..data_tmp");
+        std::os::unix::fs::symlink(stamp, &tmp)?;
+        std::fs::rename(&tmp, vol.join("..data"))?;
+        if let Some(old) = old {
+            std::fs::remove_dir_all(vol.join(old))?;
+        }
+        Ok(())
+    };
+    publish("..2026_11_30_10_00_00.1", "tag_a", None)?;
+    std::os::unix::fs::symlink("..data/plugin.wasm", vol.join("plugin.wasm"))?;
+    let warren = start(config(&pipeline_at(
+        "k8s",
+        &unique("reload-k8s"),
+        &vol.join("plugin.wasm"),
+        "",
+    ))?)
+    .await?;
+    let m = warren.metrics().pipeline("k8s").expect("pipeline metrics");
+    let (a, b) = (
+        digest_version(&plugin("tag_a"))?,
+        digest_version(&plugin("tag_b"))?,
+    );
+
+    publish(
+        "..2026_11_30_10_05_00.2",
+        "tag_b",
+        Some("..2026_11_30_10_00_00.1"),
+    )?;
+    eventually(WAIT, || m.plugin_version() == b)
+        .await
+        .map_err(|e| anyhow::anyhow!("first ConfigMap update not followed: {e}"))?;
+    publish(
+        "..2026_11_30_10_10_00.3",
+        "tag_a",
+        Some("..2026_11_30_10_05_00.2"),
+    )?;
+    eventually(WAIT, || m.plugin_version() == a)
+        .await
+        .map_err(|e| anyhow::anyhow!("second ConfigMap update not followed: {e}"))?;
+    assert_eq!(m.reload_failure_count(), 0);
+    assert_eq!(readiness(&warren, "k8s")["plugin_file_missing"], false);
+    warren.shutdown().await;
+    let _ = std::fs::remove_dir_all(vol);
+    Ok(())
 }
 
 #[tokio::test]

@@ -97,6 +97,25 @@ impl FileId {
     }
 }
 
+/// The identity of what `path` leads to now (symlinks followed); `None` when
+/// nothing is there or it cannot be looked at.
+pub(crate) fn identity(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path).ok().map(|m| FileId::of(&m))
+}
+
+/// Device and inode of what `path` leads to (symlinks followed): which
+/// directory a watch on `path` would be on.
+#[cfg(unix)]
+pub(crate) fn inode(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+pub(crate) fn inode(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|_| (0, 0))
+}
+
 /// A plugin file's bytes and the identity they were read under.
 #[derive(Debug)]
 pub(crate) struct PluginFile {

@@ -14,4 +14,4 @@ pub use limits::check_fits;
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use reload::{ReloadResult, Reloader};
 pub use slot::PluginSlot;
-pub use watch::watch_plugins;
+pub use watch::{PluginWatcher, watch_plugins};
