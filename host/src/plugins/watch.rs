@@ -98,6 +98,11 @@ pub fn watch_plugins(reloaders: &[Arc<Reloader>]) -> Result<PluginWatcher> {
     };
     let all = vec![true; watching.plugins.len()];
     watching.rearm(&all);
+    // A deploy between loading the plugins and watching their paths sent its
+    // events to nobody: look once more now (an unchanged file costs one read).
+    for w in &watching.plugins {
+        w.signal.poke();
+    }
     std::thread::Builder::new()
         .name("warren-plugin-watch".into())
         .spawn(move || watching.run(&rx))
