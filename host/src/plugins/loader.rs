@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use super::cache::{CacheOutcome, CompiledCache};
+use super::cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
 use crate::runtime::{HostState, Invocation, InvokeLimits, Message, PluginPre, Runtime};
 
 const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
@@ -49,10 +49,26 @@ pub struct PluginLoader {
 }
 
 impl PluginLoader {
-    /// A loader compiling with `runtime`, caching in `cache_dir` when given.
+    /// A loader compiling with `runtime`, caching in `cache_dir` when given
+    /// (with the default size cap).
     pub fn new(runtime: Runtime, cache_dir: Option<&Path>) -> Result<Self> {
+        Self::with_cache(
+            runtime,
+            cache_dir,
+            DEFAULT_CACHE_MAX_MB.saturating_mul(1 << 20),
+        )
+    }
+
+    /// A loader caching in `cache_dir` when given, holding the directory to at
+    /// most `cache_max_bytes` (0: no cap). Fails if the cache directory cannot
+    /// be created or is not private to warren's user.
+    pub fn with_cache(
+        runtime: Runtime,
+        cache_dir: Option<&Path>,
+        cache_max_bytes: u64,
+    ) -> Result<Self> {
         let cache = cache_dir
-            .map(|d| CompiledCache::new(d, runtime.engine()))
+            .map(|d| CompiledCache::new(d, runtime.engine(), cache_max_bytes))
             .transpose()?;
         Ok(Self { runtime, cache })
     }
@@ -99,7 +115,9 @@ impl LoadedPlugin {
         let start = Instant::now();
         let runtime = &loader.runtime;
         let (component, source) = match &loader.cache {
-            Some(cache) => cache.get_or_compile(runtime.engine(), &digest, bytes),
+            Some(cache) => {
+                cache.get_or_compile(runtime.engine(), &digest, bytes, &Default::default)
+            }
             None => runtime.compile(bytes).map(|c| (c, CacheOutcome::Compiled)),
         }
         .context("compiling the component")?;

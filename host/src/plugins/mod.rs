@@ -6,7 +6,7 @@ mod loader;
 mod slot;
 mod watch;
 
-pub use cache::{CacheOutcome, CompiledCache};
+pub use cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use slot::PluginSlot;
 pub use watch::{ReloadResult, Reloader, watch_plugins};
