@@ -101,6 +101,9 @@ pub enum CacheOutcome {
     Hit,
     /// A bad entry was found, discarded and replaced.
     Recovered,
+    /// Already loaded for another pipeline or an earlier load: the same
+    /// compiled code, shared.
+    Shared,
 }
 
 impl CacheOutcome {
@@ -111,6 +114,7 @@ impl CacheOutcome {
             Self::Miss => "miss",
             Self::Hit => "hit",
             Self::Recovered => "recovered",
+            Self::Shared => "shared",
         }
     }
 }
