@@ -222,18 +222,18 @@ impl CompiledCache {
     }
 
     fn lookup(&self, engine: &Engine, digest: &str, path: &Path) -> Lookup {
-        let code = match self.read_verified(digest, path) {
-            Ok(Some((file, code))) => {
-                // Recency for eviction; a read-only disk just loses it.
-                let _ = file.set_modified(SystemTime::now());
-                code
-            }
+        let (file, code) = match self.read_verified(digest, path) {
+            Ok(Some(entry)) => entry,
             Ok(None) => return Lookup::Absent,
             Err(EntryError::Bad(e)) => return Lookup::Bad(e),
             Err(EntryError::Unusable(e)) => return Lookup::Unusable(e),
         };
         match deserialize(engine, code.get(HEADER_LEN..).unwrap_or_default()) {
-            Ok(c) => Lookup::Hit(c),
+            Ok(c) => {
+                // Recency for eviction; a read-only disk just loses it.
+                let _ = file.set_modified(SystemTime::now());
+                Lookup::Hit(c)
+            }
             Err(e) => Lookup::Unusable(e),
         }
     }
