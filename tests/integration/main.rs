@@ -5,6 +5,7 @@
 // A failed expectation in a test should panic with its message: that is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cache;
 mod config_errors;
 mod conservation;
 mod examples;
