@@ -219,6 +219,14 @@ pub struct RuntimeConfig {
     /// Quiet period after a plugin file changes before it is loaded.
     #[serde(default = "default_debounce_ms")]
     pub reload_debounce_ms: u64,
+    /// Size cap of the cache directory in MiB; least recently used entries are
+    /// evicted beyond it. 0 = no cap.
+    #[serde(default = "default_cache_max_mb")]
+    pub cache_max_mb: u64,
+}
+
+fn default_cache_max_mb() -> u64 {
+    crate::plugins::DEFAULT_CACHE_MAX_MB
 }
 
 impl Default for RuntimeConfig {
@@ -227,6 +235,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             cache: true,
             reload_debounce_ms: default_debounce_ms(),
+            cache_max_mb: default_cache_max_mb(),
         }
     }
 }

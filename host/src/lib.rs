@@ -105,11 +105,13 @@ pub fn runtime_options(config: &Config) -> RuntimeOptions {
 }
 
 /// The loader for this configuration: the engine plus the compiled cache. A
-/// cache directory that cannot be created costs compile time, not the start.
+/// cache directory that cannot be created, or that other users could write,
+/// costs compile time, not the start.
 pub fn plugin_loader(config: &Config) -> Result<PluginLoader> {
     let runtime = Runtime::new(&runtime_options(config))?;
     let dir = config.runtime.effective_cache_dir();
-    match PluginLoader::new(runtime.clone(), dir.as_deref()) {
+    let max_bytes = config.runtime.cache_max_mb.saturating_mul(1 << 20);
+    match PluginLoader::with_cache(runtime.clone(), dir.as_deref(), max_bytes) {
         Ok(l) => Ok(l),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "compiled cache unavailable; plugins compile at every start");

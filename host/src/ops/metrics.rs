@@ -44,7 +44,7 @@ pub struct PipelineMetrics {
     reload_failures: AtomicU64,
     last_reload_error: RwLock<Option<String>>,
     last_broker_error: RwLock<Option<String>>,
-    cache: [AtomicU64; 4],
+    cache: [AtomicU64; 5],
     /// The prefetch of the pipeline's consumer now (`max_in_flight_mb`).
     pub prefetch: AtomicU64,
     /// `host.log` lines dropped over a message's log budget.
@@ -62,7 +62,7 @@ pub struct PipelineMetrics {
     last_effect_error: RwLock<Option<String>>,
 }
 
-const CACHE_OUTCOMES: [&str; 4] = ["compiled", "miss", "hit", "recovered"];
+const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
 
 const FAILURE_KINDS: [&str; 4] = ["trap", "timeout", "memory", "instantiate"];
 

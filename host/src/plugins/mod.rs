@@ -9,7 +9,7 @@ mod reload;
 mod slot;
 mod watch;
 
-pub use cache::{CacheOutcome, CompiledCache};
+pub use cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
 pub use limits::check_fits;
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use reload::{ReloadResult, Reloader};
