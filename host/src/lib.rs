@@ -88,10 +88,16 @@ impl Running {
 
 /// Size the engine for the configured pipelines.
 pub fn runtime_options(config: &Config) -> RuntimeOptions {
-    let concurrency: usize = config.pipelines.iter().map(|p| p.concurrency).sum();
+    // Validation bounds the sum; saturating keeps an unvalidated config from
+    // overflowing here all the same.
+    let concurrency = config
+        .pipelines
+        .iter()
+        .map(|p| p.concurrency)
+        .fold(0usize, usize::saturating_add);
     RuntimeOptions {
         // Slack for `check` and instances kept alive briefly around a reload.
-        max_instances: u32::try_from(concurrency + 4).unwrap_or(u32::MAX),
+        max_instances: u32::try_from(concurrency.saturating_add(4)).unwrap_or(u32::MAX),
         max_memory_bytes: config
             .pipelines
             .iter()
