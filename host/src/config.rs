@@ -1009,6 +1009,9 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
         let config = Config::parse_unvalidated(text, Path::new(".")).unwrap();
         let opts = crate::runtime_options(&config);
         assert_eq!(opts.max_instances, u32::MAX);
+        // The pool's memories are sized for the largest allowed limit, whatever
+        // the pipelines ask for.
+        assert_eq!(opts.max_memory_bytes, 4096 << 20);
     }
 
     #[test]

@@ -98,14 +98,17 @@ pub fn runtime_options(config: &Config) -> RuntimeOptions {
     RuntimeOptions {
         // Slack for `check` and instances kept alive briefly around a reload.
         max_instances: u32::try_from(concurrency.saturating_add(4)).unwrap_or(u32::MAX),
-        max_memory_bytes: config
-            .pipelines
-            .iter()
-            .map(|p| p.limits.memory_bytes())
-            .max()
-            .unwrap_or(64 << 20),
+        max_memory_bytes: POOL_MEMORY_BYTES,
     }
 }
+
+/// The pooled memory slots are sized for the largest limit a pipeline may have,
+/// whatever this configuration says: each slot reserves 4 GiB of address space
+/// anyway, and the pipeline's own `memory_mib` is enforced per instance by the
+/// store's limiter. Sized for the configured limits instead, the engine would
+/// refuse to compile a plugin whose initial memory is above them, and would
+/// take a compiled-cache entry of that plugin for a bad one and delete it.
+const POOL_MEMORY_BYTES: usize = (config::MAX_MEMORY_MIB as usize) << 20;
 
 /// The loader for this configuration: the engine plus the compiled cache. A
 /// cache directory that cannot be created costs compile time, not the start.
@@ -127,11 +130,36 @@ pub fn load_plugins(loader: &PluginLoader, config: &Config) -> Result<Vec<Loaded
         .pipelines
         .iter()
         .map(|p| {
-            loader
-                .load(&p.plugin)
-                .with_context(|| format!("pipeline {:?}", p.name))
+            let load = || -> Result<LoadedPlugin> {
+                let plugin = loader.load(&p.plugin)?;
+                check_memory_limit(&plugin, p.limits.memory_bytes(), "limits.memory_mib")?;
+                Ok(plugin)
+            };
+            load().with_context(|| format!("pipeline {:?}", p.name))
         })
         .collect()
+}
+
+/// A memory limit below the plugin's initial memory would fail every
+/// instantiation, so every message: refuse it at load, naming `setting`
+/// and the smallest value that fits.
+pub fn check_memory_limit(plugin: &LoadedPlugin, limit_bytes: usize, setting: &str) -> Result<()> {
+    let Some(needed) = plugin.initial_memory_bytes() else {
+        return Ok(());
+    };
+    let limit = u64::try_from(limit_bytes).unwrap_or(u64::MAX);
+    if needed > limit {
+        let mib = 1u64 << 20;
+        anyhow::bail!(
+            "{setting} = {} is too small for plugin {}: its memory starts at {:.2} MiB; \
+             set at least {}",
+            limit / mib,
+            plugin.path().display(),
+            needed as f64 / mib as f64,
+            needed.div_ceil(mib)
+        );
+    }
+    Ok(())
 }
 
 /// Load plugins, start pipelines, reloaders and the ops endpoint. Fails fast on

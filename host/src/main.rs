@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use warren::config::{Config, LogFormat};
+use warren::config::{Config, LogFormat, MAX_MEMORY_MIB, MAX_TIMEOUT_MS};
 use warren::plugins::PluginLoader;
 use warren::runtime::{InvokeLimits, Message, Outcome, Outgoing, Runtime, RuntimeOptions};
 
@@ -166,15 +166,23 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("reading body file {}", f.display()))?,
                 (None, None) => Vec::new(),
             };
+            // The same ranges as `[pipeline.limits]`, for the same reasons.
+            if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+                bail!("--timeout-ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)");
+            }
+            if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+                bail!("--memory-mib must be between 1 and {MAX_MEMORY_MIB}");
+            }
             let limits = InvokeLimits {
                 timeout: Duration::from_millis(timeout_ms),
                 memory_bytes: usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
             };
             let runtime = Runtime::new(&RuntimeOptions {
                 max_instances: 2,
-                max_memory_bytes: limits.memory_bytes,
+                max_memory_bytes: usize::try_from(MAX_MEMORY_MIB << 20).unwrap_or(usize::MAX),
             })?;
             let loaded = PluginLoader::new(runtime, None)?.load(&plugin)?;
+            warren::check_memory_limit(&loaded, limits.memory_bytes, "--memory-mib")?;
             let msg = Message {
                 body,
                 content_type,

@@ -15,6 +15,7 @@ use crate::runtime::{HostState, Invocation, InvokeLimits, Message, PluginPre, Ru
 
 const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
 const CORE_MODULE_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+const WASM_PAGE_BYTES: u64 = 64 << 10;
 
 /// A compiled plugin ready to be instantiated per message.
 pub struct LoadedPlugin {
@@ -26,6 +27,9 @@ pub struct LoadedPlugin {
     pre: PluginPre<HostState>,
     compile_time: Duration,
     source: CacheOutcome,
+    /// Largest initial size of the component's linear memories, in bytes
+    /// (`None` when it cannot be known statically).
+    initial_memory: Option<u64>,
     /// Keeps the engine's epoch ticker running while this version can be invoked.
     _runtime: Runtime,
 }
@@ -103,6 +107,11 @@ impl LoadedPlugin {
             None => runtime.compile(bytes).map(|c| (c, CacheOutcome::Compiled)),
         }
         .context("compiling the component")?;
+        // Memories use 64 KiB pages: the engine does not enable custom page sizes.
+        let initial_memory = component
+            .resources_required()
+            .and_then(|r| r.max_initial_memory_size)
+            .map(|pages| pages.saturating_mul(WASM_PAGE_BYTES));
         let pre = runtime.prepare(&component)?;
         let name = path
             .file_stem()
@@ -117,6 +126,7 @@ impl LoadedPlugin {
             pre,
             compile_time: start.elapsed(),
             source,
+            initial_memory,
             _runtime: runtime.clone(),
         })
     }
@@ -149,6 +159,13 @@ impl LoadedPlugin {
     /// How long loading took (compiling, or reading the cache, plus checking).
     pub fn compile_time(&self) -> Duration {
         self.compile_time
+    }
+
+    /// The most memory any of the plugin's linear memories starts with, in
+    /// bytes: a memory limit below it fails every instantiation. `None` when
+    /// the component has no memory or does not say statically.
+    pub fn initial_memory_bytes(&self) -> Option<u64> {
+        self.initial_memory
     }
 
     /// Run `handle` once in a fresh instance. Blocking: call it off the async
