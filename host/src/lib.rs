@@ -61,6 +61,22 @@ impl Running {
         self.reloaders.iter().find(|r| r.pipeline() == pipeline)
     }
 
+    /// Re-check every watched plugin file now, as if it had changed (what
+    /// SIGHUP does): a new valid version is swapped in, anything else keeps
+    /// the loaded one. Pipelines with `reload = false` are not touched. The
+    /// future owns what it needs, so it can be spawned.
+    pub fn reload_all(&self) -> impl Future<Output = Vec<(String, ReloadResult)>> + Send + 'static {
+        let reloaders = self.reloaders.clone();
+        async move {
+            let mut results = Vec::with_capacity(reloaders.len());
+            for r in reloaders {
+                let result = r.reload_now().await;
+                results.push((r.pipeline().to_string(), result));
+            }
+            results
+        }
+    }
+
     /// Wait until every pipeline is consuming, or `timeout` passes.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
