@@ -42,9 +42,10 @@ pub const MAX_TOTAL_CONCURRENCY: usize = 4096;
 /// past any broker's consumer timeout anyway.
 pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 
-/// Longest retry delay: 2^32 - 1 ms (about 49.7 days). RabbitMQ refuses a
-/// larger `x-message-ttl` on a queue or `expiration` on a message, and the
-/// retry tiers use both.
+/// Longest retry delay: 2^32 - 1 ms (about 49.7 days). The retry tiers use it
+/// as a queue's `x-message-ttl` and a message's `expiration`; RabbitMQ has
+/// refused larger values for both (3.10 accepts up to ten years), so this is
+/// what every broker version takes.
 pub const MAX_RETRY_DELAY_MS: u64 = u32::MAX as u64;
 
 /// Largest `limits.memory_mib`: 4 GiB, all a 32-bit linear memory can address.
@@ -793,13 +794,13 @@ impl RetryConfig {
         if self.initial_delay_ms == 0 || self.initial_delay_ms > MAX_RETRY_DELAY_MS {
             bail!(
                 "retry.initial_delay_ms must be between 1 and {MAX_RETRY_DELAY_MS} \
-                 (RabbitMQ's longest message TTL)"
+                 (2^32-1 ms, the longest message TTL every RabbitMQ version accepts)"
             );
         }
         if self.max_delay_ms > MAX_RETRY_DELAY_MS {
             bail!(
-                "retry.max_delay_ms must be at most {MAX_RETRY_DELAY_MS} (RabbitMQ's longest \
-                 message TTL, about 49.7 days)"
+                "retry.max_delay_ms must be at most {MAX_RETRY_DELAY_MS} (2^32-1 ms, about 49.7 \
+                 days: the longest message TTL every RabbitMQ version accepts)"
             );
         }
         if self.max_delay_ms < self.initial_delay_ms {
