@@ -6,7 +6,7 @@
 //! overrides `broker.url`; validation runs after the override, so the TLS
 //! settings are checked against the URL actually used.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,9 +18,43 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use crate::broker::redact;
+use crate::retry::{RetryTiers, tier_queue};
 
 /// Environment variable that overrides `broker.url` (keeps credentials out of the file).
 pub const BROKER_URL_ENV: &str = "WARREN_BROKER_URL";
+
+/// Most worker threads one pipeline may run (`concurrency`). Each is an OS
+/// thread with a 2 MiB stack and a pooled instance slot that reserves 4 GiB of
+/// address space per linear memory, and a plugin call is CPU-bound (plugins
+/// have no I/O to wait on), so parallelism far beyond the cores only costs
+/// memory. Tens of thousands of threads exhaust the kernel's memory-map limit
+/// and abort the process.
+pub const MAX_CONCURRENCY: usize = 1024;
+
+/// Most worker threads all pipelines together may run: the engine's instance
+/// pool is sized for this sum, and 4096 slots with their memories, tables and
+/// stacks already reserve about a quarter of a 64-bit process's address space.
+pub const MAX_TOTAL_CONCURRENCY: usize = 4096;
+
+/// Longest `limits.timeout_ms`: 24 hours. The deadline is counted in epoch
+/// ticks added to the engine's epoch counter, so it must stay far from
+/// overflowing; a handler that needs longer than a day is holding its message
+/// past any broker's consumer timeout anyway.
+pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Longest retry delay: 2^32 - 1 ms (about 49.7 days). The retry tiers use it
+/// as a queue's `x-message-ttl` and a message's `expiration`; RabbitMQ has
+/// refused larger values for both (3.10 accepts up to ten years), so this is
+/// what every broker version takes.
+pub const MAX_RETRY_DELAY_MS: u64 = u32::MAX as u64;
+
+/// Largest `limits.memory_mib`: 4 GiB, all a 32-bit linear memory can address.
+pub const MAX_MEMORY_MIB: u64 = 4096;
+
+/// Longest `broker.reconnect_delay_ms`: the reconnect backoff doubles up to
+/// 30 s, so a first delay beyond that would only make the first reconnect the
+/// slowest.
+pub const MAX_RECONNECT_DELAY_MS: u64 = 30_000;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +101,10 @@ pub struct BrokerConfig {
     /// `client_cert_file` (PKCS#8, PKCS#1 or SEC1).
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
+    /// Whether `url` came from `WARREN_BROKER_URL` rather than the file, so that
+    /// errors about it name the place the operator has to fix.
+    #[serde(skip)]
+    url_from_env: bool,
 }
 
 impl Default for BrokerConfig {
@@ -77,6 +115,7 @@ impl Default for BrokerConfig {
             ca_file: None,
             client_cert_file: None,
             client_key_file: None,
+            url_from_env: false,
         }
     }
 }
@@ -94,23 +133,45 @@ impl BrokerConfig {
         self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some()
     }
 
+    /// Use `url` from the environment (`WARREN_BROKER_URL`) instead of the file.
+    pub fn override_url(&mut self, url: String) {
+        self.url = url;
+        self.url_from_env = true;
+    }
+
+    /// Where the URL was set, as the operator would look for it.
+    fn url_origin(&self) -> &'static str {
+        if self.url_from_env {
+            BROKER_URL_ENV
+        } else {
+            "broker.url"
+        }
+    }
+
     /// The URL parses, and the TLS files fit it and hold what they should.
     fn validate(&self) -> Result<()> {
+        let origin = self.url_origin();
         let uri: AMQPUri = self.url.parse().map_err(|e: String| {
             // Neither the URL nor the parser's message (which quotes it) can be
             // shown: a URL too broken to parse may not be redacted properly.
             let e = e.replace(&self.url, "...");
             anyhow!(
-                "broker.url is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost \
+                "{origin} is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost \
                  or amqps://..."
             )
         })?;
+        if self.reconnect_delay_ms > MAX_RECONNECT_DELAY_MS {
+            bail!(
+                "broker.reconnect_delay_ms must be at most {MAX_RECONNECT_DELAY_MS} (30 s, where the \
+                 backoff stops doubling)"
+            );
+        }
         if uri.scheme != AMQPScheme::AMQPS {
             // A TLS setting on a plain URL would mean credentials and messages in
             // clear text where the operator meant to encrypt: refuse it.
             if self.has_tls_files() {
                 bail!(
-                    "broker.ca_file / client_cert_file / client_key_file are set, but broker.url {} \
+                    "broker.ca_file / client_cert_file / client_key_file are set, but {origin} {} \
                      is not amqps://: use amqps:// (usually port 5671) to connect with TLS, or remove \
                      the TLS settings",
                     redact(&self.url)
@@ -552,7 +613,7 @@ impl Config {
         if let Ok(url) = std::env::var(BROKER_URL_ENV)
             && !url.is_empty()
         {
-            config.broker.url = url;
+            config.broker.override_url(url);
         }
         config.validate().with_context(in_file)?;
         Ok(config)
@@ -568,7 +629,9 @@ impl Config {
     fn parse_unvalidated(text: &str, base: &Path) -> Result<Self> {
         let mut config: Config = toml::from_str(text).context("invalid TOML configuration")?;
         let resolve = |p: &mut PathBuf| {
-            if p.is_relative() {
+            // An empty path stays empty so validation can say so: joined to the
+            // base it would name the config directory.
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         };
@@ -588,76 +651,250 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks serde cannot express.
+    /// Checks serde cannot express: everything `warren run` would otherwise
+    /// only find out on the broker, in the middle of a delivery, or by
+    /// crashing. Each error names the field to change.
     pub fn validate(&self) -> Result<()> {
         if self.pipelines.is_empty() {
             bail!("no [[pipeline]] configured: warren needs at least one");
         }
         self.broker.validate()?;
         self.ops.listen_addr()?;
+        if self
+            .runtime
+            .cache_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            bail!(
+                "runtime.cache_dir must not be empty (leave it out for the default, or set cache = false)"
+            );
+        }
         let mut names = HashSet::new();
-        let mut queues = HashSet::new();
+        let mut total_concurrency: usize = 0;
         for p in &self.pipelines {
-            let what = format!("pipeline {:?}", p.name);
             if p.name.trim().is_empty() {
                 bail!("a pipeline has an empty name");
             }
             if !names.insert(&p.name) {
-                bail!("{what}: the name is used twice");
+                bail!("pipeline {:?}: the name is used twice", p.name);
             }
-            if p.queue.trim().is_empty() {
-                bail!("{what}: queue must not be empty");
-            }
-            // Derived names (`<queue>.retry.<ms>`, consumer tags) must fit AMQP's
-            // 255-byte short strings too.
-            let longest = p.queue.len() + ".retry.".len() + p.retry.max_delay_ms.to_string().len();
-            if longest > 255 {
-                bail!(
-                    "{what}: queue name is {} bytes; at most {} fit with its retry queue names",
-                    p.queue.len(),
-                    255 - (longest - p.queue.len())
-                );
-            }
-            if p.name.len() > 200 {
-                bail!("{what}: the name is longer than 200 bytes");
-            }
-            if p.queue.starts_with("amq.") {
-                bail!("{what}: queue {:?} uses the reserved amq. prefix", p.queue);
-            }
-            if !queues.insert(&p.queue) {
-                bail!("{what}: queue {:?} is consumed by two pipelines", p.queue);
-            }
-            if p.concurrency == 0 {
-                bail!("{what}: concurrency must be at least 1");
-            }
-            if p.prefetch == 0 {
-                bail!("{what}: prefetch must be at least 1 (0 would mean unlimited)");
-            }
-            let r = &p.retry;
-            if r.max_attempts == 0 {
-                bail!("{what}: retry.max_attempts must be at least 1");
-            }
-            if r.initial_delay_ms == 0 || r.max_delay_ms < r.initial_delay_ms {
-                bail!("{what}: retry delays need 0 < initial_delay_ms <= max_delay_ms");
-            }
-            if !(0.0..=0.5).contains(&r.jitter) {
-                bail!("{what}: retry.jitter must be between 0 and 0.5");
-            }
-            if p.limits.timeout_ms == 0 {
-                bail!("{what}: limits.timeout_ms must be at least 1");
-            }
-            if p.limits.memory_mib == 0 || p.limits.memory_mib > 4096 {
-                bail!("{what}: limits.memory_mib must be 1..=4096");
-            }
-            for b in &p.bindings {
-                if b.exchange.is_empty() {
+            p.validate()
+                .with_context(|| format!("pipeline {:?}", p.name))?;
+            total_concurrency = total_concurrency.saturating_add(p.concurrency);
+        }
+        if total_concurrency > MAX_TOTAL_CONCURRENCY {
+            bail!(
+                "the pipelines' concurrency adds up to {total_concurrency}; at most \
+                 {MAX_TOTAL_CONCURRENCY} worker threads are allowed in total"
+            );
+        }
+        self.check_queue_names()?;
+        self.check_exchange_types()
+    }
+
+    /// No queue warren declares may be declared twice: a pipeline's queue must
+    /// not be another pipeline's queue, dead-letter queue (`<queue>.dlq`) or
+    /// retry tier (`<queue>.retry.<ms>`). Two pipelines would otherwise consume
+    /// each other's parked or delayed messages, or fail to declare a queue that
+    /// already exists with other arguments.
+    fn check_queue_names(&self) -> Result<()> {
+        // queue name -> (pipeline, what the queue is to that pipeline)
+        let mut owners: HashMap<String, (&str, &'static str)> = HashMap::new();
+        for p in &self.pipelines {
+            let tiers = RetryTiers::new(&p.retry);
+            let derived = [
+                (p.queue.clone(), "queue"),
+                (p.dlq_name(), "dead-letter queue"),
+            ]
+            .into_iter()
+            .chain(
+                tiers
+                    .delays_ms()
+                    .iter()
+                    .map(|&ms| (tier_queue(&p.queue, ms), "retry queue")),
+            );
+            for (queue, role) in derived {
+                if let Some((other, other_role)) = owners.get(&queue) {
+                    if role == "queue" && *other_role == "queue" {
+                        bail!(
+                            "pipeline {:?}: queue {queue:?} is consumed by two pipelines \
+                             ({other:?} too)",
+                            p.name
+                        );
+                    }
                     bail!(
-                        "{what}: a binding needs an exchange name (the default exchange needs no binding)"
+                        "pipeline {:?}: queue names clash: {queue:?} is the {role} of pipeline \
+                         {:?} and the {other_role} of pipeline {other:?}; rename one of the \
+                         queues",
+                        p.name,
+                        p.name
                     );
+                }
+                owners.insert(queue, (&p.name, role));
+            }
+        }
+        Ok(())
+    }
+
+    /// An exchange has one type on the broker: two declarations with different
+    /// types fail the second with PRECONDITION_FAILED at every (re)connect.
+    /// Built-in `amq.*` exchanges are not declared, so their type is not checked.
+    fn check_exchange_types(&self) -> Result<()> {
+        let mut seen: HashMap<&str, (ExchangeKind, &str)> = HashMap::new();
+        for p in &self.pipelines {
+            let used = p
+                .bindings
+                .iter()
+                .map(|b| (b.exchange.as_str(), b.kind))
+                .chain(p.outputs.iter().map(|o| (o.exchange.as_str(), o.kind)));
+            for (exchange, kind) in used {
+                if exchange.starts_with("amq.") {
+                    continue;
+                }
+                match seen.get(exchange) {
+                    Some((k, other)) if *k != kind => {
+                        let by = if *other == p.name {
+                            format!("pipeline {other:?} (twice)")
+                        } else {
+                            format!("pipelines {other:?} and {:?}", p.name)
+                        };
+                        bail!(
+                            "exchange {exchange:?} is declared as {} and as {} by {by}: an exchange \
+                             has one type; use the same type everywhere",
+                            k.label(),
+                            kind.label()
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(exchange, (kind, &p.name));
+                    }
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// The checks of one pipeline on its own; errors name the field, the
+    /// caller adds the pipeline's name.
+    fn validate(&self) -> Result<()> {
+        if self.queue.trim().is_empty() {
+            bail!("queue must not be empty");
+        }
+        if self.queue.starts_with("amq.") {
+            bail!("queue {:?} uses the reserved amq. prefix", self.queue);
+        }
+        if self.name.len() > 200 {
+            bail!("the name is longer than 200 bytes");
+        }
+        if self.plugin.as_os_str().is_empty() {
+            bail!("plugin must not be empty");
+        }
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            bail!(
+                "concurrency must be between 1 and {MAX_CONCURRENCY} (it is {})",
+                self.concurrency
+            );
+        }
+        if self.prefetch == 0 {
+            bail!("prefetch must be at least 1 (0 would mean unlimited)");
+        }
+        self.retry.validate()?;
+        self.limits.validate()?;
+        // Derived names (`<queue>.retry.<ms>`, consumer tags) must fit AMQP's
+        // 255-byte short strings too. The delays are bounded by now, so this
+        // cannot overflow.
+        let suffix = ".retry.".len() + self.retry.max_delay_ms.to_string().len();
+        if self.queue.len().saturating_add(suffix) > 255 {
+            bail!(
+                "queue name is {} bytes; at most {} fit with its retry queue names",
+                self.queue.len(),
+                255 - suffix
+            );
+        }
+        for b in &self.bindings {
+            if b.exchange.is_empty() {
+                bail!(
+                    "binding exchange must not be empty (the default exchange \"\" routes by queue \
+                     name and needs no binding)"
+                );
+            }
+            short_string("binding exchange", &b.exchange)?;
+            for key in &b.routing_keys {
+                short_string("binding routing key", key)?;
+            }
+        }
+        for o in &self.outputs {
+            if o.exchange.is_empty() {
+                bail!(
+                    "output exchange must not be empty (the default exchange \"\" always exists: \
+                     a plugin publishes to it without a [[pipeline.output]])"
+                );
+            }
+            short_string("output exchange", &o.exchange)?;
+        }
+        Ok(())
+    }
+}
+
+/// AMQP names and routing keys are short strings: at most 255 bytes.
+fn short_string(what: &str, s: &str) -> Result<()> {
+    if s.len() > 255 {
+        bail!("{what} {s:?} is {} bytes; AMQP allows at most 255", s.len());
+    }
+    Ok(())
+}
+
+impl RetryConfig {
+    fn validate(&self) -> Result<()> {
+        if self.max_attempts == 0 {
+            bail!("retry.max_attempts must be at least 1");
+        }
+        if self.initial_delay_ms == 0 || self.initial_delay_ms > MAX_RETRY_DELAY_MS {
+            bail!(
+                "retry.initial_delay_ms must be between 1 and {MAX_RETRY_DELAY_MS} \
+                 (2^32-1 ms, the longest message TTL every RabbitMQ version accepts)"
+            );
+        }
+        if self.max_delay_ms > MAX_RETRY_DELAY_MS {
+            bail!(
+                "retry.max_delay_ms must be at most {MAX_RETRY_DELAY_MS} (2^32-1 ms, about 49.7 \
+                 days: the longest message TTL every RabbitMQ version accepts)"
+            );
+        }
+        if self.max_delay_ms < self.initial_delay_ms {
+            bail!("retry.max_delay_ms must be at least retry.initial_delay_ms");
+        }
+        if !(0.0..=0.5).contains(&self.jitter) {
+            bail!("retry.jitter must be between 0 and 0.5");
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<()> {
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+            bail!("limits.timeout_ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)");
+        }
+        if self.memory_mib == 0 || self.memory_mib > MAX_MEMORY_MIB {
+            bail!("limits.memory_mib must be between 1 and {MAX_MEMORY_MIB}");
+        }
+        Ok(())
+    }
+}
+
+impl ExchangeKind {
+    /// The type as written in the configuration.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Fanout => "fanout",
+            Self::Topic => "topic",
+        }
     }
 }
 
@@ -769,6 +1006,253 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
     fn a_malformed_url_is_refused_without_its_password() {
         let err = parse("url = \"amqps//guest:secret@host\"", Path::new(".")).unwrap_err();
         assert!(err.contains("not an AMQP URL"), "{err}");
+        assert!(!err.contains("secret"), "password leaked: {err}");
+    }
+
+    /// Parse one pipeline `x` on queue `q` with `extra` TOML appended inside it
+    /// (keys first, then sub-tables), plus any `more` pipelines.
+    fn pipeline(extra: &str, more: &str) -> Result<Config, String> {
+        let text = format!(
+            "[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}\n{more}"
+        );
+        Config::parse(&text, Path::new(".")).map_err(|e| format!("{e:#}"))
+    }
+
+    fn pipeline_err(extra: &str) -> String {
+        pipeline(extra, "").expect_err(&format!("accepted: {extra}"))
+    }
+
+    /// Another pipeline `y` with its own queue and `extra`.
+    fn other(queue: &str, extra: &str) -> String {
+        format!("[[pipeline]]\nname = \"y\"\nqueue = {queue:?}\nplugin = \"p.wasm\"\n{extra}\n")
+    }
+
+    #[test]
+    fn concurrency_is_bounded_per_pipeline() {
+        for bad in ["0", "1025", "100000", "18446744073709551615"] {
+            let err = pipeline_err(&format!("concurrency = {bad}"));
+            assert!(
+                err.contains("pipeline \"x\"") && err.contains("concurrency"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            pipeline("concurrency = 1024", "").unwrap().pipelines[0].concurrency,
+            1024
+        );
+    }
+
+    #[test]
+    fn concurrency_is_bounded_in_total() {
+        let mut text = String::new();
+        for i in 0..5 {
+            text.push_str(&format!(
+                "[[pipeline]]\nname = \"p{i}\"\nqueue = \"q{i}\"\nplugin = \"p.wasm\"\nconcurrency = 1024\n"
+            ));
+        }
+        let err = Config::parse(&text, Path::new("."))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("concurrency adds up to 5120"), "{err}");
+        // Four at the per-pipeline maximum are exactly the total.
+        let four: String = text
+            .split_inclusive("concurrency = 1024\n")
+            .take(4)
+            .collect();
+        Config::parse(&four, Path::new(".")).unwrap();
+    }
+
+    #[test]
+    fn engine_sizing_does_not_overflow_on_an_unvalidated_config() {
+        let text = "[[pipeline]]\nname = \"a\"\nqueue = \"a\"\nplugin = \"p.wasm\"\n\
+                    concurrency = 18446744073709551615\n\
+                    [[pipeline]]\nname = \"b\"\nqueue = \"b\"\nplugin = \"p.wasm\"\n\
+                    concurrency = 18446744073709551615\n";
+        let config = Config::parse_unvalidated(text, Path::new(".")).unwrap();
+        let opts = crate::runtime_options(&config);
+        assert_eq!(opts.max_instances, u32::MAX);
+        // The pool's memories are sized for the largest allowed limit, whatever
+        // the pipelines ask for.
+        assert_eq!(opts.max_memory_bytes, 4096 << 20);
+    }
+
+    #[test]
+    fn timeout_is_bounded_to_a_day() {
+        for bad in ["0", "86400001", "18446744073709551615"] {
+            let err = pipeline_err(&format!("[pipeline.limits]\ntimeout_ms = {bad}"));
+            assert!(
+                err.contains("pipeline \"x\"") && err.contains("limits.timeout_ms"),
+                "{bad}: {err}"
+            );
+        }
+        let c = pipeline("[pipeline.limits]\ntimeout_ms = 86400000", "").unwrap();
+        assert_eq!(c.pipelines[0].limits.timeout().as_secs(), 86_400);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        for bad in ["0", "4097"] {
+            let err = pipeline_err(&format!("[pipeline.limits]\nmemory_mib = {bad}"));
+            assert!(err.contains("limits.memory_mib"), "{bad}: {err}");
+        }
+        pipeline("[pipeline.limits]\nmemory_mib = 4096", "").unwrap();
+    }
+
+    #[test]
+    fn retry_delays_stay_within_the_brokers_ttl_limit() {
+        let err = pipeline_err("[pipeline.retry]\nmax_delay_ms = 4294967296");
+        assert!(
+            err.contains("pipeline \"x\"") && err.contains("retry.max_delay_ms"),
+            "{err}"
+        );
+        let err = pipeline_err(
+            "[pipeline.retry]\ninitial_delay_ms = 4294967296\nmax_delay_ms = 4294967296",
+        );
+        assert!(err.contains("retry.initial_delay_ms"), "{err}");
+        let err = pipeline_err("[pipeline.retry]\ninitial_delay_ms = 18446744073709551615");
+        assert!(err.contains("retry.initial_delay_ms"), "{err}");
+        let err = pipeline_err("[pipeline.retry]\ninitial_delay_ms = 0");
+        assert!(err.contains("retry.initial_delay_ms"), "{err}");
+        let err = pipeline_err("[pipeline.retry]\ninitial_delay_ms = 5000\nmax_delay_ms = 4000");
+        assert!(err.contains("retry.max_delay_ms must be at least"), "{err}");
+        let c = pipeline(
+            "[pipeline.retry]\ninitial_delay_ms = 4294967295\nmax_delay_ms = 4294967295",
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.pipelines[0].retry.max_delay_ms, u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn the_default_exchange_is_neither_declared_nor_bound() {
+        let err = pipeline_err("[[pipeline.output]]\nexchange = \"\"");
+        assert!(
+            err.contains("pipeline \"x\"") && err.contains("output exchange must not be empty"),
+            "{err}"
+        );
+        let err = pipeline_err("[[pipeline.binding]]\nexchange = \"\"");
+        assert!(err.contains("binding exchange must not be empty"), "{err}");
+    }
+
+    #[test]
+    fn names_longer_than_amqp_allows_are_refused() {
+        let long = "e".repeat(256);
+        let err = pipeline_err(&format!("[[pipeline.output]]\nexchange = {long:?}"));
+        assert!(
+            err.contains("output exchange") && err.contains("256 bytes"),
+            "{err}"
+        );
+        let err = pipeline_err(&format!(
+            "[[pipeline.binding]]\nexchange = \"ok\"\nrouting_keys = [{long:?}]"
+        ));
+        assert!(err.contains("binding routing key"), "{err}");
+    }
+
+    #[test]
+    fn an_exchange_has_one_type_across_pipelines() {
+        let err = pipeline(
+            "[[pipeline.output]]\nexchange = \"events\"\ntype = \"topic\"",
+            &other(
+                "q2",
+                "[[pipeline.binding]]\nexchange = \"events\"\ntype = \"fanout\"",
+            ),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("exchange \"events\"")
+                && err.contains("topic")
+                && err.contains("fanout")
+                && err.contains("pipelines \"x\" and \"y\""),
+            "{err}"
+        );
+        // Within one pipeline too; `direct` is the default type.
+        let err = pipeline_err(
+            "[[pipeline.binding]]\nexchange = \"jobs\"\n[[pipeline.output]]\nexchange = \"jobs\"\ntype = \"topic\"",
+        );
+        assert!(err.contains("pipeline \"x\" (twice)"), "{err}");
+        // The same type everywhere is fine, and built-in exchanges are not declared.
+        pipeline(
+            "[[pipeline.output]]\nexchange = \"events\"\ntype = \"topic\"\n\
+             [[pipeline.output]]\nexchange = \"amq.topic\"",
+            &other(
+                "q2",
+                "[[pipeline.binding]]\nexchange = \"events\"\ntype = \"topic\"\n\
+                 [[pipeline.binding]]\nexchange = \"amq.topic\"\ntype = \"topic\"",
+            ),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_queue_cannot_be_another_pipelines_dead_letter_or_retry_queue() {
+        let err = pipeline("", &other("q.dlq", "")).unwrap_err();
+        assert!(
+            err.contains("\"q.dlq\"")
+                && err.contains("dead-letter queue of pipeline \"x\"")
+                && err.contains("pipeline \"y\""),
+            "{err}"
+        );
+        // The default retry tiers are 1000, 2000, ... 60000 ms.
+        let err = pipeline("", &other("q.retry.4000", "")).unwrap_err();
+        assert!(
+            err.contains("\"q.retry.4000\"") && err.contains("retry queue of pipeline \"x\""),
+            "{err}"
+        );
+        // Declared in the other order, the clash is found all the same.
+        let text = format!(
+            "{}[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n",
+            other("q.dlq", "")
+        );
+        let err = format!("{:#}", Config::parse(&text, Path::new(".")).unwrap_err());
+        assert!(
+            err.contains("\"q.dlq\"") && err.contains("queue of pipeline \"y\""),
+            "{err}"
+        );
+        let err = pipeline("", &other("q", "")).unwrap_err();
+        assert!(err.contains("consumed by two pipelines"), "{err}");
+        // A name that merely looks like a tier of a delay the pipeline does not use is fine.
+        pipeline("", &other("q.retry.3000", "")).unwrap();
+    }
+
+    #[test]
+    fn an_empty_plugin_path_is_a_config_error() {
+        let text = "[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"\"\n";
+        let err = Config::parse(text, Path::new("/etc/warren"))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert_eq!(err, "pipeline \"x\": plugin must not be empty");
+    }
+
+    #[test]
+    fn reconnect_delay_is_bounded_by_the_backoff_cap() {
+        let err = parse("reconnect_delay_ms = 30001", Path::new(".")).unwrap_err();
+        assert!(err.contains("broker.reconnect_delay_ms"), "{err}");
+        parse("reconnect_delay_ms = 30000", Path::new(".")).unwrap();
+    }
+
+    #[test]
+    fn errors_about_an_overriding_url_name_the_environment_variable() {
+        let mut c = parse("", Path::new(".")).unwrap();
+        c.broker.override_url("not a url".into());
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(
+            err.starts_with("WARREN_BROKER_URL is not an AMQP URL"),
+            "{err}"
+        );
+        assert!(!err.contains("broker.url"), "{err}");
+
+        let d = dir("env-tls");
+        std::fs::write(d.join("ca.pem"), CA_PEM).unwrap();
+        let mut c = parse(&format!("{TLS_URL}\nca_file = \"ca.pem\""), &d).unwrap();
+        c.broker
+            .override_url("amqp://guest:secret@localhost:5672/%2f".into());
+        let err = format!("{:#}", c.validate().unwrap_err());
+        assert!(
+            err.contains("WARREN_BROKER_URL") && err.contains("not amqps://"),
+            "{err}"
+        );
         assert!(!err.contains("secret"), "password leaked: {err}");
     }
 }

@@ -64,6 +64,22 @@ impl Running {
         self.reloaders.iter().find(|r| r.pipeline() == pipeline)
     }
 
+    /// Re-check every watched plugin file now, as if it had changed (what
+    /// SIGHUP does): a new valid version is swapped in, anything else keeps
+    /// the loaded one. Pipelines with `reload = false` are not touched. The
+    /// future owns what it needs, so it can be spawned.
+    pub fn reload_all(&self) -> impl Future<Output = Vec<(String, ReloadResult)>> + Send + 'static {
+        let reloaders = self.reloaders.clone();
+        async move {
+            let mut results = Vec::with_capacity(reloaders.len());
+            for r in reloaders {
+                let result = r.reload_now().await;
+                results.push((r.pipeline().to_string(), result));
+            }
+            results
+        }
+    }
+
     /// Wait until every pipeline is consuming, or `timeout` passes.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -91,18 +107,27 @@ impl Running {
 
 /// Size the engine for the configured pipelines.
 pub fn runtime_options(config: &Config) -> RuntimeOptions {
-    let concurrency: usize = config.pipelines.iter().map(|p| p.concurrency).sum();
+    // Validation bounds the sum; saturating keeps an unvalidated config from
+    // overflowing here all the same.
+    let concurrency = config
+        .pipelines
+        .iter()
+        .map(|p| p.concurrency)
+        .fold(0usize, usize::saturating_add);
     RuntimeOptions {
         // Slack for `check` and instances kept alive briefly around a reload.
-        max_instances: u32::try_from(concurrency + 4).unwrap_or(u32::MAX),
-        max_memory_bytes: config
-            .pipelines
-            .iter()
-            .map(|p| p.limits.memory_bytes())
-            .max()
-            .unwrap_or(64 << 20),
+        max_instances: u32::try_from(concurrency.saturating_add(4)).unwrap_or(u32::MAX),
+        max_memory_bytes: POOL_MEMORY_BYTES,
     }
 }
+
+/// The pooled memory slots are sized for the largest limit a pipeline may have,
+/// whatever this configuration says: each slot reserves 4 GiB of address space
+/// anyway, and the pipeline's own `memory_mib` is enforced per instance by the
+/// store's limiter. Sized for the configured limits instead, the engine would
+/// refuse to compile a plugin whose initial memory is above them, and would
+/// take a compiled-cache entry of that plugin for a bad one and delete it.
+const POOL_MEMORY_BYTES: usize = (config::MAX_MEMORY_MIB as usize) << 20;
 
 /// The loader for this configuration: the engine plus the compiled cache. A
 /// cache directory that cannot be created, or that other users could write,

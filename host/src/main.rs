@@ -2,14 +2,16 @@
 //! and output formatting live here; the work is in the library.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use warren::config::{Config, LogFormat};
+use warren::ReloadResult;
+use warren::config::{Config, LogFormat, MAX_MEMORY_MIB, MAX_TIMEOUT_MS};
 use warren::plugins::PluginLoader;
 use warren::runtime::{InvokeLimits, Message, Outcome, Outgoing, Runtime, RuntimeOptions};
 
@@ -35,7 +37,7 @@ enum Format {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Consume the configured queues until SIGINT/SIGTERM.
+    /// Consume the configured queues until SIGINT/SIGTERM; SIGHUP re-checks plugin files.
     Run {
         /// Configuration file.
         #[arg(long, short, default_value = "warren.toml")]
@@ -115,8 +117,15 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(&config)?;
             init_logging(cli.log_format, config.log.format);
             tracing::info!(broker = %warren::broker::redact(&config.broker.url), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
-            rt.block_on(warren::run(config, shutdown_signal()))?;
-            Ok(ExitCode::SUCCESS)
+            let ended = rt.block_on(serve(config));
+            // Whatever is still running (plugin calls cut short by a second
+            // signal, a plugin still compiling) is abandoned, not waited for:
+            // the broker redelivers unacknowledged messages.
+            rt.shutdown_background();
+            Ok(match ended? {
+                Ended::Stopped => ExitCode::SUCCESS,
+                Ended::Forced(code) => ExitCode::from(code),
+            })
         }
         Command::Check { config: path } => {
             init_logging(cli.log_format, LogFormat::Text);
@@ -166,15 +175,23 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("reading body file {}", f.display()))?,
                 (None, None) => Vec::new(),
             };
+            // The same ranges as `[pipeline.limits]`, for the same reasons.
+            if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+                bail!("--timeout-ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)");
+            }
+            if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+                bail!("--memory-mib must be between 1 and {MAX_MEMORY_MIB}");
+            }
             let limits = InvokeLimits::new(
                 Duration::from_millis(timeout_ms),
                 usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
             );
             let runtime = Runtime::new(&RuntimeOptions {
                 max_instances: 2,
-                max_memory_bytes: limits.memory_bytes,
+                max_memory_bytes: usize::try_from(MAX_MEMORY_MIB << 20).unwrap_or(usize::MAX),
             })?;
             let loaded = PluginLoader::new(runtime, None)?.load(&plugin)?;
+            warren::plugins::check_fits_as(&loaded, limits.memory_bytes, "--memory-mib")?;
             let msg = Message {
                 body,
                 content_type,
@@ -308,29 +325,166 @@ fn init_logging(flag: Option<Format>, configured: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+/// How `warren run` ended.
+enum Ended {
+    /// Stopped on request after the drain (or before anything started).
+    Stopped,
+    /// A second signal cut the drain short; the process exits with this code.
+    Forced(u8),
+}
+
+/// Run until SIGINT or SIGTERM, then drain. SIGHUP re-checks the plugin files.
+/// A second SIGINT or SIGTERM during the drain ends it at once.
+async fn serve(config: Config) -> Result<Ended> {
+    // Listen before anything starts: from here on SIGHUP no longer kills the
+    // process (its default action), and a signal during start-up is seen.
+    let mut signals = Signals::listen()?;
+    let start = warren::start(config);
+    tokio::pin!(start);
+    let running = loop {
+        tokio::select! {
+            r = &mut start => break r?,
+            s = signals.next() => match s {
+                Sig::Hup => tracing::info!("SIGHUP received while starting; plugins are being loaded anyway"),
+                s => {
+                    tracing::info!("{} received while starting; exiting", s.name());
+                    return Ok(Ended::Stopped);
+                }
+            },
         }
     };
+    let first = loop {
+        match signals.next().await {
+            Sig::Hup => {
+                tracing::info!("SIGHUP received; plugin files are re-checked");
+                // Off the signal loop: compiling a new version can take seconds,
+                // and a SIGTERM meanwhile must still be heard.
+                tokio::spawn(recheck(running.reload_all()));
+            }
+            s => break s,
+        }
+    };
+    tracing::info!(
+        "{} received; shutting down: no new messages; settling in-flight ones",
+        first.name()
+    );
+    let drain = running.shutdown();
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            () = &mut drain => {
+                tracing::info!("stopped");
+                return Ok(Ended::Stopped);
+            }
+            s = signals.next() => match s {
+                Sig::Hup => tracing::info!("SIGHUP received while shutting down; ignored"),
+                s => {
+                    tracing::warn!(
+                        signal = s.name(),
+                        "second signal; exiting without waiting for in-flight messages, the broker redelivers them"
+                    );
+                    return Ok(Ended::Forced(s.exit_code()));
+                }
+            },
+        }
+    }
+}
+
+/// Log what a SIGHUP re-check found, one line per pipeline (a swap or a
+/// failure is also logged by the reloader itself, with its details).
+async fn recheck(reload: impl Future<Output = Vec<(String, ReloadResult)>>) {
+    let results = reload.await;
+    if results.is_empty() {
+        tracing::info!("no pipeline has reload = true; no plugin file to re-check");
+    }
+    for (pipeline, result) in results {
+        let result = match result {
+            ReloadResult::Unchanged => "unchanged".to_string(),
+            ReloadResult::Swapped { old, new } => format!("reloaded {old} -> {new}"),
+            ReloadResult::Missing => "file missing; the loaded version keeps serving".into(),
+            ReloadResult::Failed(e) => format!("failed ({e}); the loaded version keeps serving"),
+            ReloadResult::Unsettled { retry_in } => format!(
+                "still being written; looked at again when it settles (within {} ms)",
+                retry_in.as_millis()
+            ),
+        };
+        tracing::info!(pipeline = %pipeline, result = %result, "plugin file re-checked");
+    }
+}
+
+/// A signal `warren run` acts on.
+#[derive(Clone, Copy)]
+enum Sig {
+    Int,
+    Term,
+    Hup,
+}
+
+impl Sig {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Int => "SIGINT",
+            Self::Term => "SIGTERM",
+            Self::Hup => "SIGHUP",
+        }
+    }
+
+    /// The shell's convention for "killed by this signal": 128 + its number.
+    fn exit_code(self) -> u8 {
+        match self {
+            Self::Int => 130,
+            Self::Term => 143,
+            Self::Hup => 129,
+        }
+    }
+}
+
+/// The process's SIGINT, SIGTERM and SIGHUP, as a stream.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn listen() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot listen for {name}"))
+        };
+        Ok(Self {
+            int: listen(SignalKind::interrupt(), "SIGINT")?,
+            term: listen(SignalKind::terminate(), "SIGTERM")?,
+            hup: listen(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+    fn listen() -> Result<Self> {
+        Ok(Self {})
+    }
+
+    /// The next signal. A stream that can no longer deliver (it never ends
+    /// while the runtime runs) just stops answering.
+    #[cfg(unix)]
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            Some(()) = self.int.recv() => Sig::Int,
+            Some(()) = self.term.recv() => Sig::Term,
+            Some(()) = self.hup.recv() => Sig::Hup,
+            else => std::future::pending().await,
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) -> Sig {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => Sig::Int,
+            Err(_) => std::future::pending().await,
+        }
     }
 }

@@ -1,10 +1,16 @@
-//! The `warren` binary's `check` and `invoke` commands, as users run them
-//! (no broker needed). Plugins come from `scripts/build-plugins.sh`.
+//! The `warren` binary as users run it: `check` and `invoke` (no broker
+//! needed), and how `run` answers signals (against the test broker from
+//! `WARREN_TEST_BROKER_URL`, as `scripts/test.sh` starts it). Plugins come from
+//! `scripts/build-plugins.sh`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 fn plugin(name: &str) -> PathBuf {
     let dir = std::env::var("WARREN_PLUGIN_DIR")
@@ -14,14 +20,22 @@ fn plugin(name: &str) -> PathBuf {
 }
 
 fn warren(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(args)
+    warren_with(args, &[])
+}
+
+/// Run warren with extra environment variables.
+fn warren_with(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+    cmd.args(args)
         .env(
             "WARREN_CACHE_DIR",
             std::env::temp_dir().join("warren-cli-test-cache"),
         )
-        .output()
-        .expect("running warren")
+        .env_remove("WARREN_BROKER_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running warren")
 }
 
 fn temp_config(name: &str, text: &str) -> PathBuf {
@@ -131,4 +145,442 @@ fn invoke_prints_the_outcome_as_json() {
     ]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["failure"]["kind"], "timeout");
+}
+
+/// `[[pipeline]]` `x` on queue `q`, with `extra` appended inside it.
+fn pipeline_x(extra: &str) -> String {
+    format!("[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}\n")
+}
+
+#[test]
+fn check_rejects_what_run_cannot_serve_naming_the_field() {
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "concurrency-huge",
+            pipeline_x("concurrency = 100000"),
+            vec!["pipeline \"x\"", "concurrency must be between 1 and 1024"],
+        ),
+        (
+            "concurrency-max",
+            pipeline_x("concurrency = 18446744073709551615"),
+            vec!["pipeline \"x\"", "concurrency"],
+        ),
+        (
+            "timeout",
+            pipeline_x("[pipeline.limits]\ntimeout_ms = 18446744073709551615"),
+            vec!["pipeline \"x\"", "limits.timeout_ms"],
+        ),
+        (
+            "max-delay",
+            pipeline_x("[pipeline.retry]\nmax_delay_ms = 4294967296"),
+            vec!["pipeline \"x\"", "retry.max_delay_ms"],
+        ),
+        (
+            "output-default-exchange",
+            pipeline_x("[[pipeline.output]]\nexchange = \"\""),
+            vec!["pipeline \"x\"", "output exchange must not be empty"],
+        ),
+        (
+            "exchange-types",
+            format!(
+                "{}[[pipeline]]\nname = \"y\"\nqueue = \"q2\"\nplugin = \"p.wasm\"\n\
+                 [[pipeline.binding]]\nexchange = \"events\"\ntype = \"fanout\"\n",
+                pipeline_x("[[pipeline.output]]\nexchange = \"events\"\ntype = \"topic\"")
+            ),
+            vec!["exchange \"events\"", "pipelines \"x\" and \"y\""],
+        ),
+        (
+            "queue-is-a-dlq",
+            format!(
+                "{}[[pipeline]]\nname = \"y\"\nqueue = \"q.dlq\"\nplugin = \"p.wasm\"\n",
+                pipeline_x("")
+            ),
+            vec!["\"q.dlq\"", "dead-letter queue of pipeline \"x\""],
+        ),
+        (
+            "empty-plugin",
+            "[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"\"\n".to_string(),
+            vec!["pipeline \"x\": plugin must not be empty"],
+        ),
+    ];
+    for (name, toml, needles) in cases {
+        let cfg = temp_config(name, &toml);
+        let out = warren(&["check", "--config", cfg.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{name}: no {needle:?} in {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn an_invalid_broker_url_from_the_environment_is_named_as_such() {
+    let cfg = temp_config("env-url", &pipeline_x(""));
+    let out = warren_with(
+        &["check", "--config", cfg.to_str().unwrap()],
+        &[("WARREN_BROKER_URL", Path::new("nonsense"))],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("WARREN_BROKER_URL is not an AMQP URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("broker.url"), "{stderr}");
+}
+
+#[test]
+fn a_memory_limit_below_the_plugins_initial_memory_is_named_and_spares_the_cache() {
+    let cache =
+        std::env::temp_dir().join(format!("warren-cli-{}-memory-cache", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let check = |mib: u32| {
+        let cfg = temp_config(
+            &format!("memory-{mib}"),
+            &format!(
+                "[[pipeline]]\nname = \"fib\"\nqueue = \"q\"\nplugin = {:?}\n\
+                 [pipeline.limits]\nmemory_mib = {mib}\n",
+                plugin("fib").display().to_string()
+            ),
+        );
+        warren_with(
+            &["check", "--config", cfg.to_str().unwrap()],
+            &[("WARREN_CACHE_DIR", &cache)],
+        )
+    };
+    let out = check(64);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cache miss"), "{stdout}");
+
+    // A Rust plugin's memory starts at 17 pages (1.06 MiB).
+    let out = check(1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("pipeline \"fib\"")
+            && stderr.contains("limits.memory_mib = 1 is too small")
+            && stderr.contains("set at least 2"),
+        "{stderr}"
+    );
+
+    // The compiled entry stored above is still there and still used.
+    let out = check(2);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cache hit"), "{stdout}");
+}
+
+// ---- signals: `warren run` against the test broker ----------------------------
+
+fn broker_url() -> String {
+    std::env::var("WARREN_TEST_BROKER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
+}
+
+/// A name no other test or earlier run uses.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("test.cli-{prefix}.{}.{nanos:x}", std::process::id())
+}
+
+/// A `warren run` process whose log (stderr) is read line by line.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env(
+                "WARREN_CACHE_DIR",
+                std::env::temp_dir().join("warren-cli-test-cache"),
+            )
+            .env_remove("WARREN_BROKER_URL")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting warren run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first log line containing `needle`, waiting up to `within`.
+    fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {within:?}; the log:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{name} {}", self.child.id())])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The exit status, waiting up to `within`.
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for warren") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                while let Ok(line) = self.lines.try_recv() {
+                    self.seen.push(line);
+                }
+                panic!(
+                    "warren still running after {within:?}; the log:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Write `bytes` to `path` the way deploy tools do: a temporary file renamed over it.
+fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
+    let dir = std::env::temp_dir().join(unique("sighup"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tagger.wasm");
+    replace_file(&file, &std::fs::read(plugin("tag_a")).unwrap());
+    // A debounce far longer than the test: only SIGHUP can make warren look
+    // at the new file in time.
+    let cfg = temp_config(
+        "sighup",
+        &format!(
+            "[broker]\nurl = {:?}\nreconnect_delay_ms = 100\n[ops]\nlisten = \"\"\n\
+             [runtime]\nreload_debounce_ms = 600000\n\
+             [[pipeline]]\nname = \"tagger\"\nqueue = {:?}\nqueue_type = \"classic\"\n\
+             plugin = {:?}\n",
+            broker_url(),
+            unique("sighup"),
+            file.display().to_string()
+        ),
+    );
+    let mut warren = Running::start(&cfg);
+    warren.wait_for("plugin loaded", Duration::from_secs(60));
+    replace_file(&file, &std::fs::read(plugin("tag_b")).unwrap());
+    warren.signal("HUP");
+    warren.wait_for(
+        "SIGHUP received; plugin files are re-checked",
+        Duration::from_secs(10),
+    );
+    let line = warren.wait_for("plugin file re-checked", Duration::from_secs(60));
+    assert!(
+        line.contains("pipeline=tagger") && line.contains("result=reloaded"),
+        "{line}"
+    );
+    // Still running, and still stops cleanly.
+    assert!(
+        warren.child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped warren"
+    );
+    warren.signal("TERM");
+    let status = warren.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", warren.seen.join("\n"));
+    warren.wait_for("stopped", Duration::from_secs(1));
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET path` on the ops endpoint, if it answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn a_second_signal_during_the_drain_exits_at_once_and_the_broker_redelivers() {
+    let url = broker_url();
+    let queue = unique("second-signal");
+    let port = free_port();
+    // The message spins until its two-minute timeout, and the drain would wait
+    // as long: only the second signal can end it within the test's deadline.
+    let cfg = temp_config(
+        "second-signal",
+        &format!(
+            "[broker]\nurl = {url:?}\nreconnect_delay_ms = 100\n\
+             [ops]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_ms = 120000\n\
+             [[pipeline]]\nname = \"spinner\"\nqueue = {queue:?}\nqueue_type = \"classic\"\n\
+             plugin = {:?}\nconcurrency = 1\n\
+             [pipeline.retry]\nmax_attempts = 1\ninitial_delay_ms = 1000\nmax_delay_ms = 1000\n\
+             [pipeline.limits]\ntimeout_ms = 120000\n",
+            plugin("probe").display().to_string()
+        ),
+    );
+    let mut warren = Running::start(&cfg);
+    warren.wait_for("consuming pipeline=spinner", Duration::from_secs(60));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = rt.block_on(async {
+        let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connecting to the test broker");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"spin",
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        (conn, channel)
+    });
+
+    let in_flight = "warren_in_flight{pipeline=\"spinner\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(port, "/metrics").is_some_and(|m| m.contains(in_flight)) {
+        assert!(
+            Instant::now() < deadline,
+            "the message never got in flight; the log:\n{}",
+            warren.seen.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    warren.signal("TERM");
+    warren.wait_for("SIGTERM received; shutting down", Duration::from_secs(10));
+    warren.signal("INT");
+    let status = warren.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{}", warren.seen.join("\n"));
+    let line = warren.wait_for("second signal", Duration::from_secs(1));
+    assert!(
+        line.contains("exiting without waiting for in-flight messages, the broker redelivers them"),
+        "{line}"
+    );
+
+    // The message was never acknowledged, so the broker hands it out again.
+    let (_conn, channel) = channel;
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let got = loop {
+            let got = channel
+                .basic_get(
+                    queue.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap();
+            if let Some(m) = got {
+                break m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the message did not come back to {queue}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        assert_eq!(got.delivery.data, b"spin");
+        assert!(got.delivery.redelivered);
+        for q in [
+            queue.clone(),
+            format!("{queue}.dlq"),
+            format!("{queue}.retry.1000"),
+        ] {
+            let _ = channel
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    });
 }

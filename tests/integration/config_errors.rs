@@ -2,14 +2,20 @@
 //! and where.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use warren_tests::{config, plugin, unique};
+use warren_tests::{Client, config, plugin, start, unique};
 
-use crate::pipeline_at;
+use crate::{pipeline, pipeline_at};
 
 fn start_error(plugin: &std::path::Path) -> String {
+    start_error_with(plugin, "")
+}
+
+/// Why `warren::start` refuses this pipeline (`extra` goes inside it).
+fn start_error_with(plugin: &std::path::Path, extra: &str) -> String {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cfg = config(&pipeline_at("bad", &unique("bad"), plugin, "")).expect("config parses");
+    let cfg = config(&pipeline_at("bad", &unique("bad"), plugin, extra)).expect("config parses");
     match rt.block_on(warren::start(cfg)) {
         Ok(_) => panic!("warren started with plugin {}", plugin.display()),
         Err(e) => format!("{e:#}"),
@@ -45,6 +51,17 @@ fn semantic_errors_name_the_pipeline() {
         err.contains("pipeline \"x\"") && err.contains("concurrency"),
         "{err}"
     );
+    // Far more threads than the machine can run aborted warren; now it is refused.
+    let err = config(
+        "[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\nconcurrency = 100000\n",
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:#}"))
+    .expect_err("concurrency 100000 accepted");
+    assert!(
+        err.contains("concurrency must be between 1 and 1024"),
+        "{err}"
+    );
     let err = config("")
         .map(|_| ())
         .map_err(|e| format!("{e:#}"))
@@ -77,4 +94,53 @@ fn files_that_are_not_components_are_explained() {
     let bytes = std::fs::read(plugin("noop")).expect("noop plugin built");
     let err = start_error(&temp_file("truncated.wasm", &bytes[..bytes.len() / 2]));
     assert!(err.contains("compiling the component"), "{err}");
+}
+
+#[test]
+fn a_memory_limit_below_the_plugins_initial_memory_fails_the_start() {
+    // Every Rust plugin's memory starts at 17 pages (1.06 MiB).
+    let err = start_error_with(&plugin("noop"), "[pipeline.limits]\nmemory_mib = 1\n");
+    assert!(
+        err.contains("pipeline \"bad\"")
+            && err.contains("limits.memory_mib = 1 is too small")
+            && err.contains("set at least 2"),
+        "{err}"
+    );
+}
+
+/// The longest retry delay the configuration allows is accepted by the broker
+/// end to end: as the retry queue's `x-message-ttl` when it is declared, and as
+/// the `expiration` of a message parked in it.
+#[tokio::test]
+async fn the_longest_retry_delay_is_accepted_by_the_broker() -> anyhow::Result<()> {
+    let q = unique("ttl-limit");
+    let extra = "[pipeline.retry]\nmax_attempts = 2\ninitial_delay_ms = 4294967295\n\
+                 max_delay_ms = 4294967295\njitter = 0.0\n";
+    let warren = start(config(&pipeline("ttl", &q, "probe", extra))?).await?;
+    let client = Client::connect().await?;
+    client.send(&q, b"retry later").await?;
+    let tier = format!("{q}.retry.4294967295");
+    let parked = client.take_one(&tier, Duration::from_secs(20)).await?;
+    assert_eq!(parked.data, b"retry later");
+    assert_eq!(
+        parked.properties.expiration().as_ref().map(|e| e.as_str()),
+        Some("4294967295")
+    );
+    warren.shutdown().await;
+    Ok(())
+}
+
+/// What validation lets through, `run` serves: the largest values of each
+/// range start and consume.
+#[tokio::test]
+async fn the_upper_ends_of_the_ranges_are_served() -> anyhow::Result<()> {
+    let extra = "concurrency = 1024\n[pipeline.limits]\ntimeout_ms = 86400000\nmemory_mib = 4096\n";
+    let cfg = config(&pipeline("upper", &unique("upper"), "noop", extra))?;
+    assert_eq!(
+        cfg.pipelines[0].limits.timeout(),
+        Duration::from_secs(86_400)
+    );
+    let warren = start(cfg).await?;
+    warren.shutdown().await;
+    Ok(())
 }

@@ -20,6 +20,12 @@ const WASM_PAGE: u64 = 64 << 10;
 /// cannot be sized this way, but warren provides none, so such a component
 /// never gets this far.
 pub fn check_fits(plugin: &LoadedPlugin, memory_bytes: usize) -> Result<()> {
+    check_fits_as(plugin, memory_bytes, "limits.memory_mib")
+}
+
+/// [`check_fits`] for a limit set elsewhere (`setting` names it in the error,
+/// e.g. `--memory-mib`).
+pub fn check_fits_as(plugin: &LoadedPlugin, memory_bytes: usize, setting: &str) -> Result<()> {
     let Some(pages) = plugin
         .component()
         .resources_required()
@@ -31,11 +37,13 @@ pub fn check_fits(plugin: &LoadedPlugin, memory_bytes: usize) -> Result<()> {
     let limit = u64::try_from(memory_bytes).unwrap_or(u64::MAX);
     if needs > limit {
         bail!(
-            "the plugin does not fit this pipeline's limits: its linear memory starts at {} \
-             ({pages} pages), above limits.memory_mib = {}, so every message would fail \
-             with \"exceeded its memory limit\"",
+            "{setting} = {} is too small for plugin {}: its linear memory starts at {} \
+             ({pages} pages), so every message would fail with \"exceeded its memory \
+             limit\"; set at least {}",
+            limit >> 20,
+            plugin.path().display(),
             mib(needs),
-            limit >> 20
+            needs.div_ceil(1 << 20)
         );
     }
     Ok(())

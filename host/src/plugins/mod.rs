@@ -10,7 +10,7 @@ mod slot;
 mod watch;
 
 pub use cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
-pub use limits::check_fits;
+pub use limits::{check_fits, check_fits_as};
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use reload::{ReloadResult, Reloader};
 pub use slot::PluginSlot;
