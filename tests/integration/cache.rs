@@ -191,10 +191,10 @@ async fn configurations_differing_in_memory_limits_share_entries() -> anyhow::Re
     };
     assert_eq!(source(32)?, "miss");
     assert_eq!(source(256)?, "hit");
-    // probe starts with 17 pages (1.06 MiB): wasmtime rejects the entry for a
-    // 1 MiB pool, as it rejects compiling it; the entry is not to blame.
+    // probe starts with 17 pages (1.06 MiB): a 1 MiB limit is refused at
+    // load, naming the setting; the entry is not to blame and stays.
     let err = format!("{:#}", source(1).unwrap_err());
-    assert!(err.contains("exceeds the limit"), "{err}");
+    assert!(err.contains("limits.memory_mib = 1 is too small"), "{err}");
     assert_eq!(source(32)?, "hit", "nothing was discarded");
     assert_eq!(entries_of(&cache, &digest(&files[0])?)?.len(), 1);
     std::fs::remove_dir_all(dir)?;
