@@ -654,6 +654,40 @@ impl Config {
     /// Checks serde cannot express: everything `warren run` would otherwise
     /// only find out on the broker, in the middle of a delivery, or by
     /// crashing. Each error names the field to change.
+    /// What is valid but likely wrong: said by `warren check` and logged by
+    /// `warren run` at start.
+    ///
+    /// RabbitMQ closes a consumer's channel when a delivery stays unacked
+    /// longer than its `consumer_timeout` (30 minutes unless configured), and
+    /// redelivers it. A delivery may wait in the prefetch window for the calls
+    /// ahead of it (`prefetch / concurrency` of them, each up to `timeout_ms`)
+    /// and then take `timeout_ms` itself.
+    pub fn warnings(&self) -> Vec<String> {
+        const CONSUMER_TIMEOUT_MS: u64 = 30 * 60 * 1000;
+        self.pipelines
+            .iter()
+            .filter_map(|p| {
+                let waits = u64::from(p.prefetch)
+                    .div_ceil(u64::try_from(p.concurrency.max(1)).unwrap_or(u64::MAX))
+                    .saturating_add(1);
+                let worst = p.limits.timeout_ms.saturating_mul(waits);
+                (worst >= CONSUMER_TIMEOUT_MS).then(|| {
+                    format!(
+                        "pipeline {:?}: a delivery may stay unacked for up to {} s (limits.timeout_ms \
+                         {} x {waits}: its own call and the {} ahead of it in the prefetch window), \
+                         at or past RabbitMQ's default consumer_timeout of 1800 s; the broker would \
+                         close the channel and redeliver. Lower timeout_ms or prefetch, or raise \
+                         consumer_timeout on the broker",
+                        p.name,
+                        worst / 1000,
+                        p.limits.timeout_ms,
+                        waits - 1
+                    )
+                })
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.pipelines.is_empty() {
             bail!("no [[pipeline]] configured: warren needs at least one");
@@ -919,6 +953,23 @@ AiB0ThB5ajiXhX91LJ4pQRcOJ61vvtvSLdQ6pIFO2VZ68AIhALSH4PNeEDoXYFmX
 HaA345fM08VHGBV9qZxLPPMcJpRd
 -----END CERTIFICATE-----
 ";
+
+    #[test]
+    fn long_calls_against_the_consumer_timeout_are_warned_about() {
+        let with = |extra: &str| {
+            let text =
+                format!("[[pipeline]]\nname = \"p\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}");
+            Config::parse(&text, Path::new(".")).unwrap().warnings()
+        };
+        assert!(with("").is_empty());
+        // 10 minutes per call, 8 waiting per worker ahead of a delivery.
+        let w = with("prefetch = 32\nconcurrency = 4\n[pipeline.limits]\ntimeout_ms = 600000\n");
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("5400 s") && w[0].contains("consumer_timeout"),
+            "{w:?}"
+        );
+    }
 
     /// A fresh directory for one test's files.
     fn dir(name: &str) -> PathBuf {

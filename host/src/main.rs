@@ -117,6 +117,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(&config)?;
             init_logging(cli.log_format, config.log.format);
             tracing::info!(broker = %warren::broker::redact(&config.broker.url), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
+            for w in config.warnings() {
+                tracing::warn!("{w}");
+            }
             let ended = rt.block_on(serve(config));
             // Whatever is still running (plugin calls cut short by a second
             // signal, a plugin still compiling) is abandoned, not waited for:
@@ -142,6 +145,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     plugin.compile_time().as_millis(),
                     plugin.source().label()
                 );
+            }
+            for w in config.warnings() {
+                println!("warning: {w}");
             }
             println!(
                 "{}: configuration valid, {} pipeline(s)",
@@ -171,8 +177,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             init_logging(cli.log_format, LogFormat::Text);
             let body = match (body, body_file) {
                 (Some(b), _) => b.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f)
-                    .with_context(|| format!("reading body file {}", f.display()))?,
+                (None, Some(f)) => read_body_file(&f)?,
                 (None, None) => Vec::new(),
             };
             // The same ranges as `[pipeline.limits]`, for the same reasons.
@@ -291,6 +296,25 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Largest `--body-file` accepted: RabbitMQ's own default `max_message_size`
+/// (128 MiB), so anything bigger could not be a real message either, and the
+/// file is not read into memory to find out.
+const MAX_BODY_FILE: u64 = 128 << 20;
+
+fn read_body_file(f: &std::path::Path) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(f)
+        .with_context(|| format!("reading body file {}", f.display()))?
+        .len();
+    if len > MAX_BODY_FILE {
+        bail!(
+            "body file {} is {len} bytes; a message body can be at most {MAX_BODY_FILE} bytes \
+             (RabbitMQ's default max_message_size)",
+            f.display()
+        );
+    }
+    std::fs::read(f).with_context(|| format!("reading body file {}", f.display()))
 }
 
 fn init_logging(flag: Option<Format>, configured: LogFormat) {
