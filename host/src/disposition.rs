@@ -239,18 +239,7 @@ fn retry_or_dead_letter(
         &(env.attempt + 1).to_string(),
     );
     set_text(&mut headers, header::RETRY_REASON.into(), &clip(&reason));
-    keep_first(&mut headers, header::FIRST_FAILURE, &now);
-    set_text(&mut headers, header::LAST_FAILURE.into(), &now);
-    set_text(
-        &mut headers,
-        header::ORIGINAL_EXCHANGE.into(),
-        &env.exchange,
-    );
-    set_text(
-        &mut headers,
-        header::ORIGINAL_ROUTING_KEY.into(),
-        &env.routing_key,
-    );
+    failure_record(&mut headers, env, &now);
     let expiration = info.tiers.jittered(tier, at.unit_random);
     let properties = fit(
         copy_properties(&env.properties)
@@ -309,18 +298,7 @@ fn dead_letter(
     set_text(&mut headers, header::PLUGIN.into(), plugin.name);
     set_text(&mut headers, header::PLUGIN_VERSION.into(), plugin.version);
     set_text(&mut headers, header::PLUGIN_DIGEST.into(), plugin.digest);
-    keep_first(&mut headers, header::FIRST_FAILURE, &now);
-    set_text(&mut headers, header::LAST_FAILURE.into(), &now);
-    set_text(
-        &mut headers,
-        header::ORIGINAL_EXCHANGE.into(),
-        &env.exchange,
-    );
-    set_text(
-        &mut headers,
-        header::ORIGINAL_ROUTING_KEY.into(),
-        &env.routing_key,
-    );
+    failure_record(&mut headers, env, &now);
     let properties = fit(
         copy_properties(&env.properties).with_headers(headers),
         at.frame_max,
@@ -423,6 +401,20 @@ fn copy_properties(p: &BasicProperties) -> BasicProperties {
         c = c.with_app_id(v.clone());
     }
     c
+}
+
+/// What every retry and dead-letter copy records: when attempts failed, and
+/// where the message was first published (as resolved by the envelope, so a
+/// producer's forged values never pass through).
+fn failure_record(headers: &mut FieldTable, env: &Envelope, now: &str) {
+    keep_first(headers, header::FIRST_FAILURE, now);
+    set_text(headers, header::LAST_FAILURE.into(), now);
+    set_text(headers, header::ORIGINAL_EXCHANGE.into(), &env.exchange);
+    set_text(
+        headers,
+        header::ORIGINAL_ROUTING_KEY.into(),
+        &env.routing_key,
+    );
 }
 
 /// The first publication whose header frame does not fit `frame_max`, and its size.
