@@ -1009,12 +1009,15 @@ impl Work {
     /// twice.
     fn ack(&self, plan: &Plan, about: &About, tag: u64, settle: SettleGuard) {
         settle.ack();
-        let key = self.suspects.settled(tag);
         if !self.channel.status().connected() {
+            // A worker busy with a long call only sees the channel's end when
+            // it comes back for the next delivery, after this: the delivery
+            // must still be in flight then, for a consumer_timeout to charge it.
+            self.suspects.unacked(tag);
             tracing::debug!(pipeline = %self.pipeline.info.name, "acked on a closed channel; the broker redelivers it");
             return;
         }
-        if let Some(key) = key {
+        if let Some(key) = self.suspects.settled(tag) {
             self.pipeline.ledger.forget(key);
         }
         self.pipeline.settled(plan, about);

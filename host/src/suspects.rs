@@ -133,6 +133,18 @@ impl InFlight {
         }
     }
 
+    /// Delivery `tag`'s work is done, but its ack found the channel closed:
+    /// the broker redelivers it. It stays in flight as a call, which a
+    /// `consumer_timeout` (the broker closing the channel over a call that ran
+    /// too long) charges and any other death does not.
+    pub fn unacked(&self, tag: u64) {
+        if let Ok(mut k) = self.keys.lock()
+            && let Some(entry) = k.get_mut(&tag)
+        {
+            entry.1 = Stage::Running;
+        }
+    }
+
     /// Delivery `tag` is settled: no longer a suspect.
     pub fn settled(&self, tag: u64) -> Option<u64> {
         self.keys

@@ -5,7 +5,6 @@
 // A failed expectation in a test should panic with its message: that is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod alarm;
 mod cache;
 mod config_errors;
 mod conservation;
@@ -16,6 +15,7 @@ mod lifecycle;
 mod ops;
 mod outcomes;
 mod polyglot;
+mod private_broker;
 mod reload;
 mod rpc;
 mod tls;

@@ -1,13 +1,19 @@
-//! A broker resource alarm, on a broker of this test's own (an alarm blocks
-//! every publisher of a broker, so the shared test broker cannot have one):
-//! warren shows the blocked connection, and shutdown still honours its grace.
+//! Broker-wide conditions, each on a broker of the test's own (the shared test
+//! broker cannot have them without disturbing every other test):
+//!
+//! * a resource alarm, which blocks every publisher: warren shows the blocked
+//!   connection, and shutdown still honours its grace;
+//! * a short `consumer_timeout`, which closes the channel of a call that runs
+//!   longer: the message is parked after `session_death_limit` such closes
+//!   instead of looping, and acks that died with the channel are not counted.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use warren_tests::{Client, config_for, eventually, unique};
+use warren::disposition::Disposition;
+use warren_tests::{Client, config_for, eventually, header, unique};
 
 use crate::pipeline;
 
@@ -34,12 +40,19 @@ impl PrivateBroker {
         c
     }
 
-    fn start() -> anyhow::Result<Self> {
+    /// Start one, with `conf` lines added to its rabbitmq.conf and
+    /// `advanced` (Erlang terms) as its advanced.config.
+    fn start(conf: &str, advanced: &str) -> anyhow::Result<Self> {
         let port = free_port_family()?;
-        let dir = std::env::temp_dir().join(unique("alarm-broker"));
+        let dir = std::env::temp_dir().join(unique("private-broker"));
+        std::fs::create_dir_all(&dir)?;
+        if !advanced.is_empty() {
+            std::fs::write(dir.join("advanced.config"), advanced)?;
+        }
         let broker = Self { port, dir };
         let out = broker
             .command(&["start"])
+            .env("BROKER_CONF_EXTRA", conf)
             .output()
             .context("running broker.sh")?;
         if !out.status.success() {
@@ -101,7 +114,7 @@ fn fastrand_u16() -> u16 {
 
 #[tokio::test]
 async fn a_blocked_connection_is_shown_and_shutdown_keeps_its_grace() -> anyhow::Result<()> {
-    let broker = tokio::task::spawn_blocking(PrivateBroker::start).await??;
+    let broker = tokio::task::spawn_blocking(|| PrivateBroker::start("", "")).await??;
     let q = unique("alarm");
     let out = format!("{q}.out");
     // The work is queued before the alarm and before warren starts: once the
@@ -146,7 +159,51 @@ async fn a_blocked_connection_is_shown_and_shutdown_keeps_its_grace() -> anyhow:
         .await
         .context("shutdown hung on the blocked connection")?;
     let took = stopping.elapsed();
-    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    assert!(took < Duration::from_secs(25), "shutdown took {took:?}");
+    tokio::task::spawn_blocking(move || drop(broker)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_call_longer_than_the_consumer_timeout_is_parked_not_looped() -> anyhow::Result<()> {
+    // RabbitMQ looks at the timeout on each channel tick, once a minute by
+    // default: every half second here.
+    let broker = tokio::task::spawn_blocking(|| {
+        PrivateBroker::start(
+            "consumer_timeout = 2000",
+            "[{rabbit, [{channel_tick_interval, 500}]}].",
+        )
+    })
+    .await??;
+    let q = unique("consumer-timeout");
+    let dlq = format!("{q}.dlq");
+    // A classic queue: no delivery limit would ever end the loop.
+    let extra = "queue_type = \"classic\"\nconcurrency = 1\nprefetch = 1\nsession_death_limit = 2\n\
+                 [pipeline.limits]\ntimeout_ms = 10000\n";
+    let cfg = config_for(&broker.url(), "", &pipeline("slow", &q, "probe", extra))?;
+    let warren = warren_tests::start(cfg).await?;
+    let m = warren.metrics().pipeline("slow").expect("pipeline metrics");
+    let client = Client::connect_to(&broker.url()).await?;
+    // Longer than the broker's timeout, within warren's own.
+    client.send(&q, b"sleep 5000").await?;
+    client.send(&q, b"ack").await?;
+    let d = client.take_one(&dlq, Duration::from_secs(120)).await?;
+    let reason = header(&d, "x-warren-reason").unwrap_or_default();
+    assert!(
+        reason.contains("suspected poison message") && reason.contains("died 2 times"),
+        "{reason}"
+    );
+    eventually(WAIT, || m.outcome_count(Disposition::Ack) == 1).await?;
+    // The long call's acks went out on channels the broker had closed: not
+    // counted, only the neighbour's.
+    assert_eq!(m.outcome_count(Disposition::Ack), 1);
+    assert_eq!(
+        m.poison_parked.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(client.depth(&q).await?, 0);
+    drop(client);
+    warren.shutdown().await;
     tokio::task::spawn_blocking(move || drop(broker)).await?;
     Ok(())
 }
