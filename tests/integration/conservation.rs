@@ -101,8 +101,11 @@ async fn every_message_ends_up_in_exactly_one_place() -> anyhow::Result<()> {
     assert_eq!(client.depth(&dlq).await?, 0);
     assert_eq!(client.depth(&q).await?, 0);
     assert_eq!(m.requeued.load(std::sync::atomic::Ordering::Relaxed), 0);
-    let settled: u64 = Disposition::ALL.iter().map(|d| m.outcome_count(*d)).sum();
-    assert_eq!(settled as usize, n, "every delivery settled exactly once");
+    // Counted once the broker's confirms are in, which may be after the
+    // effects themselves have reached the test.
+    let settled = || -> u64 { Disposition::ALL.iter().map(|d| m.outcome_count(*d)).sum() };
+    eventually(Duration::from_secs(30), || settled() as usize >= n).await?;
+    assert_eq!(settled() as usize, n, "every delivery settled exactly once");
     warren.shutdown().await;
     Ok(())
 }

@@ -52,7 +52,9 @@ async fn trap_timeout_and_memory_hog_are_charged_to_their_message() -> anyhow::R
     assert_eq!(m.failure_count("trap"), 1);
     assert_eq!(m.failure_count("timeout"), 1);
     assert_eq!(m.failure_count("memory"), 1);
-    assert_eq!(m.outcome_count(Disposition::DeadLetter), 3);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::DeadLetter) == 3).await?;
     warren.shutdown().await;
     Ok(())
 }
@@ -74,7 +76,9 @@ async fn a_failing_message_is_retried_with_backoff_before_it_is_parked() -> anyh
             .is_some_and(|r| r.starts_with("gave up after 3 attempts: plugin trapped"))
     );
     assert_eq!(m.failure_count("trap"), 3);
-    assert_eq!(m.outcome_count(Disposition::Retry), 2);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::Retry) == 2).await?;
     warren.shutdown().await;
     Ok(())
 }

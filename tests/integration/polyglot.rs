@@ -184,9 +184,11 @@ async fn js_router_publishes_acks_replies_dead_letters_and_survives_a_throw() ->
     let d = client.take_one(&out, WAIT).await?;
     assert_eq!(header(&d, "x-event").as_deref(), Some("after.trap"));
 
-    assert_eq!(m.outcome_count(Disposition::Publish), 2);
-    assert_eq!(m.outcome_count(Disposition::Reply), 1);
-    assert_eq!(m.outcome_count(Disposition::DeadLetter), 3);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::Publish) == 2).await?;
+    eventually(WAIT, || m.outcome_count(Disposition::Reply) == 1).await?;
+    eventually(WAIT, || m.outcome_count(Disposition::DeadLetter) == 3).await?;
     warren.shutdown().await;
     Ok(())
 }
@@ -294,7 +296,9 @@ async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_
         "(RuntimeError: fault injected by the x-fault header)",
     )
     .await?;
-    assert_eq!(m.outcome_count(Disposition::Retry) - retries, 2);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::Retry) - retries == 2).await?;
     client
         .send(&q, br#"{"id": "T-5", "subject": "password reset"}"#)
         .await?;
@@ -303,9 +307,11 @@ async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_
         .expect_empty(&out, Duration::from_millis(200))
         .await?;
 
-    assert_eq!(m.outcome_count(Disposition::Publish), 4);
-    assert_eq!(m.outcome_count(Disposition::Reply), 1);
-    assert_eq!(m.outcome_count(Disposition::DeadLetter), 4);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::Publish) == 4).await?;
+    eventually(WAIT, || m.outcome_count(Disposition::Reply) == 1).await?;
+    eventually(WAIT, || m.outcome_count(Disposition::DeadLetter) == 4).await?;
     warren.shutdown().await;
     Ok(())
 }
@@ -395,9 +401,11 @@ async fn c_checksum_publishes_acks_replies_dead_letters_and_survives_a_trap() ->
         .expect_empty(&out, Duration::from_millis(200))
         .await?;
 
-    assert_eq!(m.outcome_count(Disposition::Publish), 3);
-    assert_eq!(m.outcome_count(Disposition::Reply), 1);
-    assert_eq!(m.outcome_count(Disposition::DeadLetter), 3);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::Publish) == 3).await?;
+    eventually(WAIT, || m.outcome_count(Disposition::Reply) == 1).await?;
+    eventually(WAIT, || m.outcome_count(Disposition::DeadLetter) == 3).await?;
     warren.shutdown().await;
     Ok(())
 }

@@ -222,7 +222,9 @@ async fn broken_truncated_and_deleted_files_keep_the_old_version() -> anyhow::Re
         header(&client.take_one(&out, WAIT).await?, "x-tag").as_deref(),
         Some("a")
     );
-    assert_eq!(m.outcome_count(Disposition::Publish), 3);
+    // Counted once the broker's confirm is in, which may be after the
+    // effect itself has reached the test.
+    eventually(WAIT, || m.outcome_count(Disposition::Publish) == 3).await?;
     warren.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
