@@ -9,6 +9,7 @@ mod alarm;
 mod cache;
 mod config_errors;
 mod conservation;
+mod dlq;
 mod examples;
 mod failures;
 mod hostile;
