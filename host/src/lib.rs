@@ -12,6 +12,7 @@ pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod disposition;
+pub mod dlq;
 pub mod envelope;
 pub mod logtext;
 pub mod ops;

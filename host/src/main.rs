@@ -1,4 +1,4 @@
-//! The `warren` command line: `run`, `check` and `invoke`. Only argument parsing
+//! The `warren` command line: `run`, `check`, `invoke` and `dlq`. Only argument parsing
 //! and output formatting live here; the work is in the library.
 
 use std::collections::BTreeMap;
@@ -51,6 +51,66 @@ enum Command {
     },
     /// Run a plugin once on a message, without a broker, and print the outcome as JSON.
     Invoke(Box<InvokeArgs>),
+    /// Inspect dead-letter queues and move parked messages back.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Count each pipeline's parked messages, by reason and plugin version (reads, moves nothing).
+    List {
+        /// Configuration file.
+        #[arg(long, short, default_value = "warren.toml")]
+        config: PathBuf,
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Messages read per DLQ at most.
+        #[arg(long, default_value_t = warren::dlq::DEFAULT_LIMIT)]
+        limit: usize,
+    },
+    /// Print parked messages with their warren headers and a body preview (moves nothing).
+    Show {
+        #[command(flatten)]
+        target: DlqTarget,
+    },
+    /// Publish parked messages again and remove them from the DLQ.
+    Redrive {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Only messages parked by another plugin than the one the config points at now.
+        #[arg(long, conflicts_with = "version")]
+        not_current_version: bool,
+        /// Only messages whose last failure is at least this old (30s, 15m, 2h, 7d).
+        #[arg(long, value_parser = warren::dlq::parse_duration)]
+        older_than: Option<Duration>,
+        /// Print what would move, move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Publish to this queue (default exchange) instead of the original address.
+        #[arg(long)]
+        to_queue: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct DlqTarget {
+    /// Configuration file.
+    #[arg(long, short, default_value = "warren.toml")]
+    config: PathBuf,
+    /// The pipeline whose DLQ to read.
+    #[arg(long)]
+    pipeline: String,
+    /// Messages read at most (selected or not).
+    #[arg(long, default_value_t = warren::dlq::DEFAULT_LIMIT)]
+    limit: usize,
+    /// Only messages whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only messages parked by this plugin version (or digest prefix).
+    #[arg(long)]
+    version: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -156,6 +216,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dlq(cmd) => {
+            init_logging(cli.log_format, LogFormat::Text);
+            rt.block_on(dlq(cmd))
+        }
         Command::Invoke(args) => {
             let InvokeArgs {
                 plugin,
@@ -232,6 +296,103 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
+    }
+}
+
+async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
+    use warren::dlq;
+    match cmd {
+        DlqCommand::List {
+            config,
+            pipeline,
+            limit,
+        } => {
+            let config = Config::load(&config)?;
+            let mut found = false;
+            for p in &config.pipelines {
+                if pipeline.as_ref().is_some_and(|name| *name != p.name) {
+                    continue;
+                }
+                found = true;
+                let summary = dlq::summarize(&config.broker, p, limit)
+                    .await
+                    .with_context(|| format!("pipeline {:?}", p.name))?;
+                print!("{}", summary.render(std::time::SystemTime::now()));
+            }
+            if !found {
+                bail!(
+                    "no pipeline {:?} in the configuration",
+                    pipeline.unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { target } => {
+            let (config, selection) = target.load()?;
+            let p = target.pipeline(&config)?;
+            let parked = dlq::read(&config.broker, p, target.limit, &selection).await?;
+            for m in &parked {
+                print!("{}", dlq::render_parked(m));
+            }
+            println!("{} message(s) shown", parked.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Redrive {
+            target,
+            not_current_version,
+            older_than,
+            dry_run,
+            to_queue,
+        } => {
+            let (config, mut selection) = target.load()?;
+            let p = target.pipeline(&config)?;
+            if not_current_version {
+                let bytes = std::fs::read(&p.plugin)
+                    .with_context(|| format!("reading the plugin {}", p.plugin.display()))?;
+                selection.not_digest = Some(warren::plugins::digest_of(&bytes));
+            }
+            selection.older_than = older_than;
+            let how = dlq::Redrive {
+                selection,
+                limit: target.limit,
+                dry_run,
+                to_queue,
+            };
+            let report = dlq::redrive(&config.broker, p, &how, &mut |l| println!("{l}")).await?;
+            let verb = if dry_run { "would move" } else { "moved" };
+            println!(
+                "{verb} {} of {} message(s) read; {} could not be published and stay in {}",
+                report.moved,
+                report.read,
+                report.failed,
+                p.dlq_name()
+            );
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}
+
+impl DlqTarget {
+    fn load(&self) -> Result<(Config, warren::dlq::Selection)> {
+        let config = Config::load(&self.config)?;
+        let selection = warren::dlq::Selection {
+            reason: self.reason.clone(),
+            version: self.version.clone(),
+            ..Default::default()
+        };
+        Ok((config, selection))
+    }
+
+    fn pipeline<'a>(&self, config: &'a Config) -> Result<&'a warren::config::PipelineConfig> {
+        config
+            .pipelines
+            .iter()
+            .find(|p| p.name == self.pipeline)
+            .with_context(|| format!("no pipeline {:?} in the configuration", self.pipeline))
     }
 }
 

@@ -8,6 +8,7 @@
 mod cache;
 mod config_errors;
 mod conservation;
+mod dlq;
 mod examples;
 mod failures;
 mod hostile;
