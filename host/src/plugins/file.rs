@@ -8,47 +8,6 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-/// `O_NONBLOCK` for `open(2)`. The standard library does not export it and one
-/// constant does not justify a dependency on libc; the values are the kernel
-/// ABI's. It matters only for what is *not* a regular file: opening a FIFO
-/// without it waits for a writer, for ever. On regular files it is ignored.
-#[cfg(all(
-    any(target_os = "linux", target_os = "android"),
-    not(any(
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "mips32r6",
-        target_arch = "mips64r6",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    ))
-))]
-const O_NONBLOCK: i32 = 0o4000;
-#[cfg(all(
-    any(target_os = "linux", target_os = "android"),
-    any(
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "mips32r6",
-        target_arch = "mips64r6"
-    )
-))]
-const O_NONBLOCK: i32 = 0o200;
-#[cfg(all(
-    any(target_os = "linux", target_os = "android"),
-    any(target_arch = "sparc", target_arch = "sparc64")
-))]
-const O_NONBLOCK: i32 = 0x4000;
-#[cfg(any(
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-))]
-const O_NONBLOCK: i32 = 0x0004;
-
 /// What identifies one state of a file: which file it is (device, inode) and
 /// its size, modification and change times. Any write, truncation, rename
 /// over, `chmod` or symlink flip changes it.
@@ -225,17 +184,9 @@ fn open_nonblocking(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
-    #[cfg(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "netbsd",
-        target_os = "openbsd",
-        target_os = "dragonfly"
-    ))]
-    options.custom_flags(O_NONBLOCK);
+    // It matters only for what is *not* a regular file: opening a FIFO
+    // without it waits for a writer, for ever. On regular files it is ignored.
+    options.custom_flags(libc::O_NONBLOCK);
     options.open(path)
 }
 
