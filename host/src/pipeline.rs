@@ -318,8 +318,13 @@ impl Pipeline {
         // The suspects are taken at the moment of death: what finishes later
         // (on a dead channel) is not what killed it.
         if let Err(e) = &outcome {
-            let ack_timeout = format!("{e:#}").contains("PRECONDITION_FAILED")
-                && format!("{e:#}").contains("timed out");
+            // A consumer_timeout closes the consume channel and leaves the
+            // connection up; the reason reaches the worker either as the
+            // consumer's error or, depending on how the close is processed,
+            // as a bare end of the consumer, so the channel's state decides.
+            let text = format!("{e:#}");
+            let ack_timeout = (text.contains("PRECONDITION_FAILED") && text.contains("timed out"))
+                || (conn.status().connected() && !channel.status().connected());
             let suspects = work.suspects.suspects(ack_timeout);
             if !suspects.is_empty() {
                 tracing::warn!(pipeline = %name, suspects = suspects.len(), "the session died with effects unconfirmed (or a call over the broker's consumer_timeout); each such message is charged one death (see session_death_limit)");
