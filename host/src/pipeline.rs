@@ -271,15 +271,13 @@ impl Pipeline {
 
         let consumer = channel
             .basic_consume(
-                queue,
+                queue.clone(),
                 tag.clone(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
             .with_context(|| format!("consuming from queue {:?}", self.config.queue))?;
-        let queue = ShortString::try_new(self.config.queue.clone())
-            .map_err(|_| anyhow!("queue name too long"))?;
         let (settler, mut settling) = Settler::start(channel.clone(), self.metrics.clone());
         let work = Arc::new(Work {
             pipeline: self.clone(),
@@ -474,7 +472,7 @@ impl Parked {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ParkedState> {
         // Nothing panics while holding it; a poisoned state is still whole.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -584,10 +582,7 @@ impl Work {
     fn run_worker(self: &Arc<Self>, settler: &Settler) {
         loop {
             let next = {
-                let mut consumer = match self.consumer.lock() {
-                    Ok(c) => c,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
+                let mut consumer = lock(&self.consumer);
                 if self.finished.load(Ordering::Relaxed) {
                     return;
                 }
@@ -707,10 +702,7 @@ impl Work {
     fn end(&self, reason: String) {
         self.finished.store(true, Ordering::Relaxed);
         let first = {
-            let mut r = self
-                .end_reason
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut r = lock(&self.end_reason);
             r.is_none() && r.replace(reason).is_none()
         };
         if first {
