@@ -14,6 +14,9 @@
 //! messages that do not match stay unacknowledged until the channel closes, so
 //! they return in their order. Interrupted between the confirm and the ack, a
 //! message exists twice (redriven and still parked): at least once, never zero.
+//!
+//! Purging acknowledges the selected messages and nothing else; it is the one
+//! command here that destroys messages, so the CLI asks for `--yes`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -505,6 +508,73 @@ async fn redrive_with(
         }
     }
     let _ = publisher.close(200, "done".into()).await;
+    Ok(report)
+}
+
+/// How `purge` removes messages.
+#[derive(Debug, Clone)]
+pub struct Purge {
+    /// Which messages.
+    pub selection: Selection,
+    /// Messages read at most.
+    pub limit: usize,
+    /// Print what would be removed, remove nothing.
+    pub dry_run: bool,
+}
+
+/// What `purge` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Messages read.
+    pub read: usize,
+    /// Messages removed from the DLQ (or that would be, on a dry run).
+    pub removed: usize,
+}
+
+/// Remove the selected messages of `p`'s DLQ for good, reporting each on
+/// `line`. The others stay, in their order.
+///
+/// Deliberately not `queue.purge`: that removes everything, including
+/// messages parked after the read began, which no filter has looked at.
+pub async fn purge(
+    broker: &BrokerConfig,
+    p: &PipelineConfig,
+    how: &Purge,
+    line: &mut dyn FnMut(&str),
+) -> Result<PurgeReport> {
+    let mut reader = Reader::open(broker, &p.dlq_name(), how.limit).await?;
+    let result = purge_with(&mut reader, how, line).await;
+    let closed = reader.close().await;
+    let report = result?;
+    closed?;
+    Ok(report)
+}
+
+async fn purge_with(
+    reader: &mut Reader,
+    how: &Purge,
+    line: &mut dyn FnMut(&str),
+) -> Result<PurgeReport> {
+    let mut report = PurgeReport::default();
+    let now = SystemTime::now();
+    while let Some(m) = reader.next(report.read).await? {
+        report.read = report.read.saturating_add(1);
+        if !how.selection.matches(&m, now) {
+            continue;
+        }
+        let what = format!("#{} reason {:?}", m.position, m.reason());
+        if how.dry_run {
+            line(&format!("would remove {what}"));
+        } else {
+            reader
+                .channel
+                .basic_ack(m.tag, BasicAckOptions::default())
+                .await
+                .with_context(|| format!("removing {what}"))?;
+            line(&format!("removed {what}"));
+        }
+        report.removed = report.removed.saturating_add(1);
+    }
     Ok(report)
 }
 

@@ -79,12 +79,8 @@ enum DlqCommand {
     Redrive {
         #[command(flatten)]
         target: DlqTarget,
-        /// Only messages parked by another plugin than the one the config points at now.
-        #[arg(long, conflicts_with = "version")]
-        not_current_version: bool,
-        /// Only messages whose last failure is at least this old (30s, 15m, 2h, 7d).
-        #[arg(long, value_parser = warren::dlq::parse_duration)]
-        older_than: Option<Duration>,
+        #[command(flatten)]
+        filters: DlqFilters,
         /// Print what would move, move nothing.
         #[arg(long)]
         dry_run: bool,
@@ -92,6 +88,30 @@ enum DlqCommand {
         #[arg(long)]
         to_queue: Option<String>,
     },
+    /// Remove parked messages for good (the selected ones only; needs --yes).
+    Purge {
+        #[command(flatten)]
+        target: DlqTarget,
+        #[command(flatten)]
+        filters: DlqFilters,
+        /// Print what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm the removal (there is no prompt: warren runs without a terminal too).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Selections only the commands that move or remove messages take.
+#[derive(clap::Args, Debug)]
+struct DlqFilters {
+    /// Only messages parked by another plugin than the one the config points at now.
+    #[arg(long, conflicts_with = "version")]
+    not_current_version: bool,
+    /// Only messages whose last failure is at least this old (30s, 15m, 2h, 7d).
+    #[arg(long, value_parser = warren::dlq::parse_duration)]
+    older_than: Option<Duration>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -202,7 +222,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     p.queue,
                     plugin.path().display(),
                     plugin.version(),
-                    plugin.compile_time().as_millis(),
+                    plugin.load_time().as_millis(),
                     plugin.source().label()
                 );
             }
@@ -339,19 +359,13 @@ async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
         }
         DlqCommand::Redrive {
             target,
-            not_current_version,
-            older_than,
+            filters,
             dry_run,
             to_queue,
         } => {
-            let (config, mut selection) = target.load()?;
+            let (config, selection) = target.load()?;
             let p = target.pipeline(&config)?;
-            if not_current_version {
-                let bytes = std::fs::read(&p.plugin)
-                    .with_context(|| format!("reading the plugin {}", p.plugin.display()))?;
-                selection.not_digest = Some(warren::plugins::digest_of(&bytes));
-            }
-            selection.older_than = older_than;
+            let selection = filters.narrow(selection, p)?;
             let how = dlq::Redrive {
                 selection,
                 limit: target.limit,
@@ -373,6 +387,52 @@ async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
+        DlqCommand::Purge {
+            target,
+            filters,
+            dry_run,
+            yes,
+        } => {
+            if !yes && !dry_run {
+                bail!(
+                    "purge removes messages for good: add --yes to confirm (or --dry-run to see what it would remove)"
+                );
+            }
+            let (config, selection) = target.load()?;
+            let p = target.pipeline(&config)?;
+            let selection = filters.narrow(selection, p)?;
+            let how = dlq::Purge {
+                selection,
+                limit: target.limit,
+                dry_run,
+            };
+            let report = dlq::purge(&config.broker, p, &how, &mut |l| println!("{l}")).await?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} of {} message(s) read from {}",
+                report.removed,
+                report.read,
+                p.dlq_name()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+impl DlqFilters {
+    /// `selection` narrowed by these filters, for pipeline `p`.
+    fn narrow(
+        &self,
+        mut selection: warren::dlq::Selection,
+        p: &warren::config::PipelineConfig,
+    ) -> Result<warren::dlq::Selection> {
+        if self.not_current_version {
+            let bytes = std::fs::read(&p.plugin)
+                .with_context(|| format!("reading the plugin {}", p.plugin.display()))?;
+            selection.not_digest = Some(warren::plugins::digest_of(&bytes));
+        }
+        selection.older_than = self.older_than;
+        Ok(selection)
     }
 }
 

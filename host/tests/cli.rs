@@ -148,6 +148,25 @@ fn invoke_prints_the_outcome_as_json() {
 }
 
 /// `[[pipeline]]` `x` on queue `q`, with `extra` appended inside it.
+#[test]
+fn dlq_purge_needs_yes_and_touches_nothing_without_it() {
+    // The refusal comes before the config is even read: nothing to connect to.
+    let out = warren(&[
+        "dlq",
+        "purge",
+        "--config",
+        "/nonexistent/warren.toml",
+        "--pipeline",
+        "p",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--yes") && stderr.contains("--dry-run"),
+        "{stderr}"
+    );
+}
+
 fn pipeline_x(extra: &str) -> String {
     format!("[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}\n")
 }

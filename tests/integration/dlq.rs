@@ -1,11 +1,12 @@
 //! `warren dlq` against the real broker: messages parked by the probe plugin
 //! are summarised and shown without being moved or reordered, and redriven
-//! selectively, with the rest left in the DLQ in their order.
+//! selectively, with the rest left in the DLQ in their order; purged
+//! selectively the same way.
 
 use std::time::Duration;
 
 use warren::config::Config;
-use warren::dlq::{self, Redrive, Selection};
+use warren::dlq::{self, Purge, Redrive, Selection};
 use warren_tests::{Client, config, header, start, text, unique};
 
 use crate::{FAST_RETRY, pipeline};
@@ -241,5 +242,55 @@ async fn a_redrive_with_nowhere_to_go_leaves_the_message_parked() -> anyhow::Res
     let r = dlq::redrive(&config.broker, p, &how, &mut |_| {}).await?;
     assert_eq!((r.read, r.moved, r.failed), (1, 0, 1));
     assert_eq!(bodies(&config).await?, vec!["dead-letter lost".to_string()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn purge_removes_only_the_selected_messages_and_keeps_the_rest_in_order() -> anyhow::Result<()>
+{
+    let (config, q) = parked("classic", &BODIES).await?;
+    let p = &config.pipelines[0];
+    let before = bodies(&config).await?;
+    let alpha = Selection {
+        reason: Some("alpha".into()),
+        ..Selection::default()
+    };
+    let mut lines = Vec::new();
+    let how = Purge {
+        selection: alpha,
+        limit: dlq::DEFAULT_LIMIT,
+        dry_run: true,
+    };
+    let r = dlq::purge(&config.broker, p, &how, &mut |l| lines.push(l.to_string())).await?;
+    assert_eq!((r.read, r.removed), (5, 3));
+    assert!(
+        lines.len() == 3 && lines.iter().all(|l| l.starts_with("would remove")),
+        "{lines:?}"
+    );
+    assert_eq!(bodies(&config).await?, before, "a dry run removes nothing");
+
+    let how = Purge {
+        dry_run: false,
+        ..how
+    };
+    let r = dlq::purge(&config.broker, p, &how, &mut |_| {}).await?;
+    assert_eq!((r.read, r.removed), (5, 3));
+    let betas: Vec<_> = before
+        .iter()
+        .filter(|b| b.contains("beta"))
+        .cloned()
+        .collect();
+    assert_eq!(bodies(&config).await?, betas, "the rest stay, in order");
+    let client = Client::connect().await?;
+    assert_eq!(client.depth(&q).await?, 0, "nothing was sent anywhere");
+
+    // Without a filter, everything goes.
+    let how = Purge {
+        selection: Selection::default(),
+        ..how
+    };
+    let r = dlq::purge(&config.broker, p, &how, &mut |_| {}).await?;
+    assert_eq!((r.read, r.removed), (2, 2));
+    depth_reaches(&client, &format!("{q}.dlq"), 0).await?;
     Ok(())
 }
