@@ -1,5 +1,13 @@
 //! A deliberately tiny HTTP/1.1 server for `/metrics`, `/healthz` and
-//! `/healthz/ready`: three read-only GETs do not justify a web framework.
+//! `/healthz/ready`.
+//!
+//! Hand-written rather than hyper's `http1`: three read-only resources, one
+//! request per connection (`Connection: close`), no request bodies, so the
+//! whole protocol surface is the request line. That fits on one screen, is
+//! tested against real sockets (`tests/integration/ops.rs`), and its limits
+//! below are explicit instead of being a framework's defaults. `GET` and
+//! `HEAD` are answered; a query string is ignored (scrapers and probes add
+//! them); anything else gets `405` with `Allow`.
 //!
 //! It must stay up whoever connects: at most [`MAX_CONNECTIONS`] are served at
 //! once (more are closed as soon as they are accepted), each gets
@@ -28,55 +36,62 @@ const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serve until `stop` turns true. Binds before returning so callers know the
-/// port is taken (or why not).
+/// port is taken (or why not), and returns the bound address: with port `0`
+/// the system picks a free one.
 pub async fn serve(
     addr: std::net::SocketAddr,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>> {
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the ops endpoint on {addr}"))?;
+    let addr = listener
+        .local_addr()
+        .with_context(|| format!("reading the address the ops endpoint bound for {addr}"))?;
     tracing::info!(%addr, "ops endpoint listening (/metrics, /healthz, /healthz/ready)");
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    Ok(tokio::spawn(async move {
-        let mut backoff = ACCEPT_BACKOFF_FIRST;
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => {
-                    backoff = ACCEPT_BACKOFF_FIRST;
-                    stream
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ops endpoint accept failed");
-                    tokio::select! {
-                        _ = stop.wait_for(|s| *s) => break,
-                        _ = tokio::time::sleep(backoff) => {}
+    Ok((
+        addr,
+        tokio::spawn(async move {
+            let mut backoff = ACCEPT_BACKOFF_FIRST;
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        backoff = ACCEPT_BACKOFF_FIRST;
+                        stream
                     }
-                    backoff = backoff.saturating_mul(2).min(ACCEPT_BACKOFF_MAX);
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ops endpoint accept failed");
+                        tokio::select! {
+                            _ = stop.wait_for(|s| *s) => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = backoff.saturating_mul(2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Full: closing at once frees the descriptor now.
+                    tracing::debug!("ops endpoint busy; connection closed");
                     continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                // Full: closing at once frees the descriptor now.
-                tracing::debug!("ops endpoint busy; connection closed");
-                continue;
-            };
-            let m = metrics.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                match tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &m)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(error = %e, "ops request failed"),
-                    Err(_) => tracing::debug!("ops request timed out"),
-                }
-            });
-        }
-    }))
+                };
+                let m = metrics.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &m)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "ops request failed"),
+                        Err(_) => tracing::debug!("ops request timed out"),
+                    }
+                });
+            }
+        }),
+    ))
 }
 
 async fn respond(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
@@ -95,11 +110,14 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
     }
     let request = String::from_utf8_lossy(&buf[..len]);
     let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split_once('?').map_or(target, |(path, _query)| path);
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        ("GET", "/healthz") => ("200 OK", "application/json", r#"{"live":true}"#.to_string()),
-        ("GET", "/healthz/ready") => {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET" | "HEAD", "/healthz") => {
+            ("200 OK", "application/json", r#"{"live":true}"#.to_string())
+        }
+        ("GET" | "HEAD", "/healthz/ready") => {
             let status = if metrics.ready() {
                 "200 OK"
             } else {
@@ -111,19 +129,27 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
                 metrics.readiness_json().to_string(),
             )
         }
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "only GET\n".to_string(),
+            "only GET and HEAD\n".to_string(),
         ),
     };
+    let allow = if status.starts_with("405") {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    // HEAD: the headers GET would send, Content-Length included, no body.
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes()).await?;
+    }
     stream.shutdown().await?;
     Ok(())
 }
