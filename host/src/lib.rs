@@ -7,6 +7,37 @@
 //!
 //! [`run`] is the whole program as a function: tests and embedders call it with
 //! their own configuration and shutdown signal; the CLI is a thin wrapper.
+//!
+//! # Layout
+//!
+//! Each module uses only modules listed before it (no cycles):
+//!
+//! * [`logtext`]: producer and plugin text escaped for log lines; broker URLs
+//!   without their password.
+//! * [`retry`]: the retry policy and its tiers of delay queues.
+//! * [`budget`]: `max_in_flight_mb`, the prefetch that fits the largest body.
+//! * [`suspects`]: poison messages, charged with the deaths of sessions.
+//! * [`runtime`]: the wasmtime engine, the generated bindings of the WIT
+//!   contract, per-call limits (`runtime::engine`, `runtime::state`) and one
+//!   call of a plugin (`runtime::invoke`).
+//! * [`envelope`]: a delivery's properties and warren's bookkeeping headers,
+//!   and their wire sizes.
+//! * [`disposition`]: outcome -> broker actions; the one place that decides
+//!   ack, retry or dead-letter.
+//! * [`ops`]: per-pipeline metrics and readiness (`metrics`) and the HTTP
+//!   endpoint serving them (`http`).
+//! * [`plugins`]: loading a plugin file (`loader`), the compiled-code cache
+//!   (`cache`), reading the file safely (`file`), the memory-limit check
+//!   (`limits`), the swappable current version (`slot`), watching paths
+//!   (`watch`) and hot reload (`reload`).
+//! * [`config`]: the configuration file, its defaults and its validation
+//!   (what `warren check` rejects).
+//! * [`broker`]: connecting, declaring the topology (`topology`), publishing
+//!   with confirms (`publish`) and settling deliveries in batches (`settle`).
+//! * [`pipeline`]: one pipeline: the reconnecting supervisor, the consumer,
+//!   the worker threads and the handling of one message.
+//! * [`dlq`]: `warren dlq`, reading, moving and purging dead letters.
+//! * this file: starting and stopping it all ([`start`], [`run`], [`Running`]).
 
 pub mod broker;
 pub mod budget;
@@ -55,7 +86,8 @@ impl Running {
         &self.metrics
     }
 
-    /// Where the ops endpoint listens, if enabled.
+    /// Where the ops endpoint listens, if enabled (the port the system
+    /// picked when the config says port `0`).
     pub fn ops_addr(&self) -> Option<std::net::SocketAddr> {
         self.ops_addr
     }
@@ -184,8 +216,8 @@ pub async fn start(config: Config) -> Result<Running> {
     let mut tasks = Vec::new();
     let mut ops_addr = None;
     if let Some(addr) = config.ops.listen_addr()? {
-        let handle = ops::serve(addr, metrics.clone(), stop_rx.clone()).await?;
-        ops_addr = Some(addr);
+        let (bound, handle) = ops::serve(addr, metrics.clone(), stop_rx.clone()).await?;
+        ops_addr = Some(bound);
         tasks.push(handle);
     }
     let grace = Duration::from_millis(config.ops.shutdown_grace_ms);
@@ -197,7 +229,7 @@ pub async fn start(config: Config) -> Result<Running> {
             pipeline = %p.name,
             plugin = %plugin.path().display(),
             version = plugin.version(),
-            load_ms = plugin.compile_time().as_millis() as u64,
+            load_ms = plugin.load_time().as_millis() as u64,
             cache = plugin.source().label(),
             "plugin loaded"
         );
@@ -219,12 +251,10 @@ pub async fn start(config: Config) -> Result<Running> {
             tasks.push(tokio::spawn(r.clone().run(stop_rx.clone())));
             reloaders.push(r);
         }
-        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm));
-        tasks.push(tokio::spawn(pipeline.supervise(
-            config.broker.clone(),
-            first_delay,
-            grace,
-            stop_rx.clone(),
+        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm.clone()));
+        tasks.push(tokio::spawn(report_panic(
+            pm,
+            pipeline.supervise(config.broker.clone(), first_delay, grace, stop_rx.clone()),
         )));
     }
     let watcher = if reloaders.is_empty() {
@@ -242,6 +272,28 @@ pub async fn start(config: Config) -> Result<Running> {
     })
 }
 
+/// Run a pipeline's task so that a panic in it is logged with the pipeline's
+/// name and makes warren not ready, instead of ending silently in a join
+/// result nobody reads. The pipeline is not restarted in place: after a bug
+/// its state is unknown, and a restart of the process (which readiness asks
+/// an orchestrator for) lets the broker redeliver whatever it held.
+async fn report_panic(pm: Arc<ops::PipelineMetrics>, task: impl Future<Output = ()>) {
+    use futures_util::FutureExt as _;
+    if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        tracing::error!(
+            pipeline = %pm.name,
+            panic = %logtext::Escaped(&why),
+            "pipeline task panicked: it consumes no more, warren reports not ready until restarted"
+        );
+        pm.set_crashed(&why);
+    }
+}
+
 /// Run until `shutdown` resolves, then drain and stop.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let running = start(config).await?;
@@ -250,4 +302,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_pipeline_task_is_logged_and_not_ready() {
+        let metrics = Metrics::new(["p"]);
+        let pm = metrics.pipeline("p").unwrap();
+        pm.connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(metrics.ready());
+        report_panic(pm.clone(), async { panic!("boom {}", 7) }).await;
+        assert!(!metrics.ready());
+        assert_eq!(pm.crashed().as_deref(), Some("boom 7"));
+        assert_eq!(
+            metrics.readiness_json()["pipelines"][0]["crashed"],
+            "boom 7"
+        );
+
+        // A task that ends normally leaves readiness alone.
+        let metrics = Metrics::new(["q"]);
+        let pm = metrics.pipeline("q").unwrap();
+        pm.connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        report_panic(pm.clone(), async {}).await;
+        assert!(metrics.ready() && pm.crashed().is_none());
+    }
 }

@@ -60,6 +60,8 @@ pub struct PipelineMetrics {
     blocked_now: AtomicBool,
     /// The last refused effect, while refusals go on.
     last_effect_error: RwLock<Option<String>>,
+    /// The pipeline's task panicked: it consumes no more until warren restarts.
+    crashed: RwLock<Option<String>>,
 }
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
@@ -197,6 +199,19 @@ impl PipelineMetrics {
         self.last_effect_error.read().ok().and_then(|g| g.clone())
     }
 
+    /// The pipeline's task ended with a panic (`why`): never ready again.
+    pub fn set_crashed(&self, why: &str) {
+        self.connected.store(false, Ordering::Relaxed);
+        if let Ok(mut g) = self.crashed.write() {
+            *g = Some(why.to_string());
+        }
+    }
+
+    /// Why the pipeline's task panicked, if it did.
+    pub fn crashed(&self) -> Option<String> {
+        self.crashed.read().ok().and_then(|g| g.clone())
+    }
+
     /// Set the active plugin version label.
     pub fn set_plugin_version(&self, v: &str) {
         if let Ok(mut g) = self.plugin_version.write() {
@@ -231,11 +246,12 @@ impl Metrics {
         &self.pipelines
     }
 
-    /// True when every pipeline is attached to the broker.
+    /// True when every pipeline is attached to the broker (a crashed one
+    /// never is again).
     pub fn ready(&self) -> bool {
         self.pipelines
             .iter()
-            .all(|p| p.connected.load(Ordering::Relaxed))
+            .all(|p| p.connected.load(Ordering::Relaxed) && p.crashed().is_none())
     }
 
     /// Readiness detail as JSON.
@@ -253,6 +269,7 @@ impl Metrics {
                     "last_broker_error": p.last_broker_error(),
                     "last_effect_error": p.last_effect_error(),
                     "blocked": p.blocked.read().ok().and_then(|g| g.clone()),
+                    "crashed": p.crashed(),
                 })
             })
             .collect();
