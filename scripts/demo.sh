@@ -135,7 +135,9 @@ echo "broker: $broker_url   management UI: $mgmt (guest/guest)"
 # --- 3. plugins -------------------------------------------------------------
 step "building the example plugins into plugins/dist"
 [ -f scripts/build-plugins.sh ] || die "scripts/build-plugins.sh is missing"
-bash scripts/build-plugins.sh || die "building the plugins failed"
+# The demo's plugins are all Rust: skipping the JS, Python and C toolchains
+# saves a fresh machine minutes (scripts/build-plugins.sh builds them all).
+WARREN_PLUGIN_LANGUAGES=rust bash scripts/build-plugins.sh || die "building the plugins failed"
 for p in fib thumbnail notify; do
   [ -s "plugins/dist/$p.wasm" ] || die "plugins/dist/$p.wasm was not built"
 done

@@ -17,7 +17,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
-use crate::broker::redact;
+use crate::logtext::redact;
+pub use crate::retry::RetryConfig;
 use crate::retry::{RetryTiers, tier_queue};
 
 /// Environment variable that overrides `broker.url` (keeps credentials out of the file).
@@ -450,36 +451,6 @@ pub enum ExchangeKind {
     Topic,
 }
 
-/// `[pipeline.retry]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Attempts in total (first delivery included) before dead-lettering.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// Delay before the second attempt.
-    #[serde(default = "default_initial_delay_ms")]
-    pub initial_delay_ms: u64,
-    /// Longest delay; the doubling stops here.
-    #[serde(default = "default_max_delay_ms")]
-    pub max_delay_ms: u64,
-    /// Fraction (0..=0.5) by which a delay may be shortened at random, so that
-    /// messages failing together do not come back together.
-    #[serde(default = "default_jitter")]
-    pub jitter: f64,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            max_attempts: default_max_attempts(),
-            initial_delay_ms: default_initial_delay_ms(),
-            max_delay_ms: default_max_delay_ms(),
-            jitter: default_jitter(),
-        }
-    }
-}
-
 /// `[pipeline.limits]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -582,18 +553,6 @@ fn default_session_death_limit() -> u32 {
 }
 fn default_max_in_flight_mb() -> u64 {
     256
-}
-fn default_max_attempts() -> u32 {
-    5
-}
-fn default_initial_delay_ms() -> u64 {
-    1_000
-}
-fn default_max_delay_ms() -> u64 {
-    60_000
-}
-fn default_jitter() -> f64 {
-    0.2
 }
 fn default_timeout_ms() -> u64 {
     5_000

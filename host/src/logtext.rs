@@ -5,6 +5,9 @@
 //! reason), and escape sequences would drive the reader's terminal. So control
 //! characters are written escaped, as `\n`, `\r`, `\t` or `\u{1b}`; in the
 //! JSON format they were escaped already, and this only makes them readable.
+//!
+//! Also [`redact`]: broker URLs on their way into logs and errors, without
+//! their password.
 
 use std::fmt;
 
@@ -32,9 +35,30 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Escaped;
+    use super::{Escaped, redact};
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqp://host:5672"), "amqp://host:5672");
+    }
 
     #[test]
     fn control_characters_are_escaped_and_the_rest_kept() {

@@ -8,7 +8,51 @@
 //! `expiration` of at most `jitter` x TTL; within a tier that can only hold a copy
 //! back by that fraction, never past the tier's TTL.
 
-use crate::config::RetryConfig;
+use serde::Deserialize;
+
+/// `[pipeline.retry]`: the policy the tiers are made from (it lives here, not
+/// in `config`, so that this module needs nothing of the config's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in total (first delivery included) before dead-lettering.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    #[serde(default = "default_initial_delay_ms")]
+    pub initial_delay_ms: u64,
+    /// Longest delay; the doubling stops here.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// Fraction (0..=0.5) by which a delay may be shortened at random, so that
+    /// messages failing together do not come back together.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_delay_ms: default_initial_delay_ms(),
+            max_delay_ms: default_max_delay_ms(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_delay_ms() -> u64 {
+    1_000
+}
+fn default_max_delay_ms() -> u64 {
+    60_000
+}
+fn default_jitter() -> f64 {
+    0.2
+}
 
 /// The delays (ms) of a pipeline's retry tiers, ascending, with its jitter.
 #[derive(Debug, Clone, PartialEq)]

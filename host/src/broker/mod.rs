@@ -18,6 +18,8 @@ pub use publish::{PublishReport, Publisher};
 pub use settle::{SettleGuard, Settler, Verdict};
 pub use topology::{KnownExchanges, declare};
 
+pub use crate::logtext::redact;
+
 use anyhow::{Context, Result};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
@@ -120,18 +122,6 @@ fn tls_hint(err: &rustls::Error, broker: &BrokerConfig) -> String {
     }
 }
 
-/// The URL without its password, for logs and errors.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -150,14 +140,5 @@ mod tests {
         broker.ca_file = Some(PathBuf::from("/etc/warren/ca.pem"));
         let hint = super::tls_hint(&err, &broker);
         assert!(hint.contains("/etc/warren/ca.pem"), "{hint}");
-    }
-
-    #[test]
-    fn redact_hides_the_password_only() {
-        assert_eq!(
-            super::redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(super::redact("amqp://host:5672"), "amqp://host:5672");
     }
 }

@@ -183,7 +183,7 @@ enum Slot {
 
 /// What to send after a round of reports.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Plan {
+pub(crate) struct AckPlan {
     /// `basic.ack multiple=true` with this tag.
     pub multiple: Option<u64>,
     /// `basic.ack` of each of these alone.
@@ -254,8 +254,8 @@ impl Book {
     }
 
     /// Move the watermark over settled tags and decide what to ack.
-    pub(crate) fn plan(&mut self, now: Instant, hold: Duration) -> Plan {
-        let mut plan = Plan::default();
+    pub(crate) fn plan(&mut self, now: Instant, hold: Duration) -> AckPlan {
+        let mut plan = AckPlan::default();
         while let Some(&s) = self.slots.front() {
             if s == Slot::Open {
                 break;
@@ -340,7 +340,7 @@ mod tests {
         let mut b = Book::default();
         report(&mut b, &[(2, A), (3, A)]);
         let t0 = Instant::now();
-        assert_eq!(b.plan(t0, HOLD), Plan::default());
+        assert_eq!(b.plan(t0, HOLD), AckPlan::default());
         assert_eq!(b.hold_deadline(HOLD), Some(t0 + HOLD));
         let p = b.plan(t0 + HOLD, HOLD);
         assert_eq!(p.multiple, None);
@@ -374,7 +374,7 @@ mod tests {
         // Only requeues: nothing to ack.
         let nacks = report(&mut b, &[(6, R)]);
         assert_eq!(nacks, vec![6]);
-        assert_eq!(b.plan(Instant::now(), HOLD), Plan::default());
+        assert_eq!(b.plan(Instant::now(), HOLD), AckPlan::default());
     }
 
     #[test]

@@ -76,8 +76,6 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::loader::hex;
-
 /// Default size cap of the cache directory, in MiB (`[runtime] cache_max_mb`):
 /// room for the compiled code of a few dozen JavaScript or Python plugin
 /// versions (about 35-40 MiB each) or hundreds of Rust ones.
@@ -678,6 +676,16 @@ mod perms {
     pub(super) fn same_file(_: &Metadata, _: &Metadata) -> Result<()> {
         Ok(())
     }
+}
+
+/// Lower-case hex of `bytes` (entry names and header fields).
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 //! more is freed with its last [`LoadedPlugin`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -30,10 +29,8 @@ pub struct LoadedPlugin {
     /// `version()`, shared with every invocation's log context.
     version: Arc<str>,
     code: Arc<Compiled>,
-    compile_time: Duration,
+    load_time: Duration,
     source: CacheOutcome,
-    /// Keeps the engine's epoch ticker running while this version can be invoked.
-    _runtime: Runtime,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -174,7 +171,7 @@ impl PluginLoader {
 
 /// SHA-256 of `bytes`, hex: a plugin version's identity.
 pub fn digest_of(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    format!("{:x}", Sha256::digest(bytes))
 }
 
 impl LoadedPlugin {
@@ -205,9 +202,8 @@ impl LoadedPlugin {
             digest,
             version,
             code,
-            compile_time: start.elapsed(),
+            load_time: start.elapsed(),
             source,
-            _runtime: loader.runtime.clone(),
         })
     }
 
@@ -248,8 +244,8 @@ impl LoadedPlugin {
 
     /// How long loading took (compiling, or reading the cache, plus checking;
     /// for shared code, waiting for the load it shares).
-    pub fn compile_time(&self) -> Duration {
-        self.compile_time
+    pub fn load_time(&self) -> Duration {
+        self.load_time
     }
 
     /// Run `handle` once in a fresh instance. Blocking: call it off the async
@@ -268,12 +264,4 @@ impl LoadedPlugin {
         };
         crate::runtime::invoke(&self.code.pre, msg, config, log, limits)
     }
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }

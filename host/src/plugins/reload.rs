@@ -320,7 +320,7 @@ impl Reloader {
                 state.error_shown = false;
                 let new = plugin.version().to_string();
                 let (ms, source) = (
-                    u64::try_from(plugin.compile_time().as_millis()).unwrap_or(u64::MAX),
+                    u64::try_from(plugin.load_time().as_millis()).unwrap_or(u64::MAX),
                     plugin.source().label(),
                 );
                 let old = self.slot.swap(plugin);

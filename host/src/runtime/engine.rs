@@ -2,8 +2,6 @@
 //! `Linker` with WASI and the `host` imports, and the epoch ticker thread.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -58,15 +56,6 @@ pub struct Runtime {
 struct Inner {
     engine: Engine,
     linker: Linker<HostState>,
-    ticker: Option<Ticker>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Some(t) = self.ticker.take() {
-            t.stop();
-        }
-    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -99,13 +88,9 @@ impl Runtime {
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)
             .context("linking the warren host interface")?;
-        let ticker = Ticker::start(engine.clone())?;
+        start_ticker(&engine)?;
         Ok(Self {
-            inner: Arc::new(Inner {
-                engine,
-                linker,
-                ticker: Some(ticker),
-            }),
+            inner: Arc::new(Inner { engine, linker }),
         })
     }
 
@@ -176,47 +161,39 @@ fn engine_config(pool: Option<&RuntimeOptions>) -> Config {
     config
 }
 
-/// Background thread advancing the engine's epoch every `EPOCH_TICK`.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<()>,
-}
-
-impl Ticker {
-    fn start(engine: Engine) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("warren-epoch".into())
-            .spawn(move || {
-                // Epochs follow the wall clock, not the number of sleeps: a sleep
-                // of 1 ms often lasts 1.05-1.1 ms, and much longer on a busy
-                // machine, so counting sleeps would let a 100 ms timeout run for
-                // 110 ms or more. After oversleeping, the ticker catches up.
-                let start = Instant::now();
-                let tick_us = EPOCH_TICK.as_micros().max(1);
-                let mut epochs: u128 = 0;
-                while !flag.load(Ordering::Relaxed) {
-                    let next = start
-                        + Duration::from_micros(
-                            u64::try_from((epochs + 1) * tick_us).unwrap_or(u64::MAX),
-                        );
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let due = start.elapsed().as_micros() / tick_us;
-                    while epochs < due {
-                        engine.increment_epoch();
-                        epochs += 1;
-                    }
+/// Start the background thread advancing the engine's epoch every
+/// `EPOCH_TICK`. It holds only a weak reference: it runs exactly as long as
+/// anything (a `Runtime`, a compiled plugin, a store) keeps the engine alive,
+/// and ends by itself within a tick of the last one going away.
+fn start_ticker(engine: &Engine) -> Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("warren-epoch".into())
+        .spawn(move || {
+            // Epochs follow the wall clock, not the number of sleeps: a sleep
+            // of 1 ms often lasts 1.05-1.1 ms, and much longer on a busy
+            // machine, so counting sleeps would let a 100 ms timeout run for
+            // 110 ms or more. After oversleeping, the ticker catches up.
+            let start = Instant::now();
+            let tick_us = EPOCH_TICK.as_micros().max(1);
+            let mut epochs: u128 = 0;
+            loop {
+                let next = u64::try_from(epochs.saturating_add(1).saturating_mul(tick_us))
+                    .ok()
+                    .and_then(|us| start.checked_add(Duration::from_micros(us)));
+                if let Some(wait) = next.and_then(|n| n.checked_duration_since(Instant::now())) {
+                    std::thread::sleep(wait);
                 }
-            })
-            .context("starting the epoch ticker thread")?;
-        Ok(Self { stop, handle })
-    }
-
-    fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.handle.join();
-    }
+                let Some(engine) = weak.upgrade() else {
+                    return;
+                };
+                let due = start.elapsed().as_micros() / tick_us;
+                while epochs < due {
+                    engine.increment_epoch();
+                    epochs = epochs.saturating_add(1);
+                }
+            }
+        })
+        .context("starting the epoch ticker thread")?;
+    Ok(())
 }
