@@ -348,7 +348,7 @@ async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Show { target } => {
-            let (config, selection) = target.load()?;
+            let (config, selection) = target.load(None)?;
             let p = target.pipeline(&config)?;
             let parked = dlq::read(&config.broker, p, target.limit, &selection).await?;
             for m in &parked {
@@ -363,9 +363,8 @@ async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
             dry_run,
             to_queue,
         } => {
-            let (config, selection) = target.load()?;
+            let (config, selection) = target.load(Some(&filters))?;
             let p = target.pipeline(&config)?;
-            let selection = filters.narrow(selection, p)?;
             let how = dlq::Redrive {
                 selection,
                 limit: target.limit,
@@ -398,9 +397,8 @@ async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
                     "purge removes messages for good: add --yes to confirm (or --dry-run to see what it would remove)"
                 );
             }
-            let (config, selection) = target.load()?;
+            let (config, selection) = target.load(Some(&filters))?;
             let p = target.pipeline(&config)?;
-            let selection = filters.narrow(selection, p)?;
             let how = dlq::Purge {
                 selection,
                 limit: target.limit,
@@ -419,31 +417,24 @@ async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
     }
 }
 
-impl DlqFilters {
-    /// `selection` narrowed by these filters, for pipeline `p`.
-    fn narrow(
-        &self,
-        mut selection: warren::dlq::Selection,
-        p: &warren::config::PipelineConfig,
-    ) -> Result<warren::dlq::Selection> {
-        if self.not_current_version {
-            let bytes = std::fs::read(&p.plugin)
-                .with_context(|| format!("reading the plugin {}", p.plugin.display()))?;
-            selection.not_digest = Some(warren::plugins::digest_of(&bytes));
-        }
-        selection.older_than = self.older_than;
-        Ok(selection)
-    }
-}
-
 impl DlqTarget {
-    fn load(&self) -> Result<(Config, warren::dlq::Selection)> {
+    /// The configuration and the selection of the target and `filters`.
+    fn load(&self, filters: Option<&DlqFilters>) -> Result<(Config, warren::dlq::Selection)> {
         let config = Config::load(&self.config)?;
-        let selection = warren::dlq::Selection {
+        let mut selection = warren::dlq::Selection {
             reason: self.reason.clone(),
             version: self.version.clone(),
             ..Default::default()
         };
+        if let Some(f) = filters {
+            if f.not_current_version {
+                let p = self.pipeline(&config)?;
+                let bytes = std::fs::read(&p.plugin)
+                    .with_context(|| format!("reading the plugin {}", p.plugin.display()))?;
+                selection.not_digest = Some(warren::plugins::digest_of(&bytes));
+            }
+            selection.older_than = f.older_than;
+        }
         Ok((config, selection))
     }
 
