@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use warren::ReloadResult;
 use warren::config::{Config, LogFormat, MAX_MEMORY_MIB, MAX_TIMEOUT_MS};
@@ -450,7 +451,9 @@ impl DlqTarget {
 fn body_json(body: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(body) {
         Ok(s) => serde_json::json!({ "text": s }),
-        Err(_) => serde_json::json!({ "base64": base64(body), "bytes": body.len() }),
+        Err(_) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(body), "bytes": body.len() })
+        }
     }
 }
 
@@ -487,27 +490,6 @@ fn outcome_json(o: Outcome) -> serde_json::Value {
             serde_json::json!({ "outcome": "dead-letter", "reason": reason })
         }
     }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Largest `--body-file` accepted: RabbitMQ's own default `max_message_size`

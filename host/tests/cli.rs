@@ -5,19 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../tests/src/names.rs"]
+mod names;
+
+use names::{broker_url, plugin, unique};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn plugin(name: &str) -> PathBuf {
-    let dir = std::env::var("WARREN_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist"));
-    dir.join(format!("{name}.wasm"))
-}
 
 fn warren(args: &[&str]) -> Output {
     warren_with(args, &[])
@@ -302,20 +300,6 @@ fn a_memory_limit_below_the_plugins_initial_memory_is_named_and_spares_the_cache
 }
 
 // ---- signals: `warren run` against the test broker ----------------------------
-
-fn broker_url() -> String {
-    std::env::var("WARREN_TEST_BROKER_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
-}
-
-/// A name no other test or earlier run uses.
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("test.cli-{prefix}.{}.{nanos:x}", std::process::id())
-}
 
 /// A `warren run` process whose log (stderr) is read line by line.
 struct Running {

@@ -5,9 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../tests/src/names.rs"]
+mod names;
+
+use names::{broker_url, plugin, unique};
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,28 +28,6 @@ const MESSAGES: usize = 10_000;
 const KILL_AFTER: usize = 2_000;
 /// Generous: a debug build on a loaded machine moves a few hundred a second.
 const DEADLINE: Duration = Duration::from_secs(600);
-
-fn broker_url() -> String {
-    std::env::var("WARREN_TEST_BROKER_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("test.dlq-kill-{prefix}.{}.{nanos:x}", std::process::id())
-}
-
-fn plugin(name: &str) -> PathBuf {
-    let dir = std::env::var("WARREN_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist"));
-    dir.join(format!("{name}.wasm"))
-}
 
 fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(v.into())

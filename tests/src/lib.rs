@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,13 +23,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use warren::config::Config;
 
+mod names;
 pub mod raw;
 
-/// AMQP URL of the test broker.
-pub fn broker_url() -> String {
-    std::env::var("WARREN_TEST_BROKER_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5682/%2f".into())
-}
+pub use names::{broker_url, plugin, unique};
 
 /// The test broker's TLS listener: its `amqps://` URL and the CA file that
 /// signed its certificate (`client.pem` and `client.key` beside it form a
@@ -54,28 +50,6 @@ pub fn tls_broker() -> (String, PathBuf) {
         ca.display()
     );
     (url, ca)
-}
-
-/// Path of a built plugin, e.g. `plugin("fib")`.
-pub fn plugin(name: &str) -> PathBuf {
-    let dir = std::env::var("WARREN_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist"));
-    dir.join(format!("{name}.wasm"))
-}
-
-/// A name no other test (or earlier run) uses.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "test.{prefix}.{}.{}.{nanos:x}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Build a config from `[[pipeline]]` TOML; broker and ops are filled in.
@@ -455,7 +429,8 @@ pub async fn http(
         .with_context(|| format!("connecting to {host}"))?;
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n");
     if let Some((user, password)) = auth {
-        let token = base64(format!("{user}:{password}").as_bytes());
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         req.push_str(&format!("Authorization: Basic {token}\r\n"));
     }
     req.push_str("\r\n");
@@ -477,27 +452,6 @@ pub async fn http(
     Ok((status, body))
 }
 
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// The management API's record of the connections whose name (the client's
 /// `connection_name`) starts with `prefix`.
 pub async fn connections(prefix: &str) -> Result<Vec<serde_json::Value>> {
@@ -509,11 +463,9 @@ pub async fn connections(prefix: &str) -> Result<Vec<serde_json::Value>> {
     if status != 200 {
         bail!("listing connections: HTTP {status}: {body}");
     }
-    // Chunked transfer encoding may wrap the JSON; take the outermost array.
-    let json = &body
-        [body.find('[').unwrap_or(0)..=body.rfind(']').unwrap_or(body.len().saturating_sub(1))];
+    // `http` speaks HTTP/1.0, so the body is the JSON itself, never chunked.
     let conns: serde_json::Value =
-        serde_json::from_str(json).context("parsing the connection list")?;
+        serde_json::from_str(&body).context("parsing the connection list")?;
     Ok(conns
         .as_array()
         .into_iter()
@@ -549,14 +501,4 @@ pub async fn kill_connections(prefix: &str) -> Result<usize> {
         closed += 1;
     }
     Ok(closed)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(super::base64(b"guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
-        assert_eq!(super::base64(b"ab"), "YWI=");
-        assert_eq!(super::base64(b"abc"), "YWJj");
-    }
 }

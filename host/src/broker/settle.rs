@@ -160,7 +160,7 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>, m: Arc<P
         }
         if let Some(Err(e)) = sent.into_iter().find(Result::is_err) {
             broken = true;
-            m.errors.fetch_add(1, Ordering::Relaxed);
+            m.settle_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(pipeline = %m.name, error = %e, "could not settle deliveries; the broker will redeliver them");
         }
     }

@@ -35,8 +35,9 @@ pub struct PipelineMetrics {
     pub connected: AtomicBool,
     /// Broker (re)connections after a loss.
     pub reconnects: AtomicU64,
-    /// Messages that could not be decoded or settled for reasons outside the plugin.
-    pub errors: AtomicU64,
+    /// Acks the connection could not carry (the broker redelivers those
+    /// deliveries, so they are handled again: at least once).
+    pub settle_failures: AtomicU64,
     plugin_version: RwLock<String>,
     /// The plugin file is currently missing (the loaded version keeps serving).
     pub plugin_missing: AtomicBool,
@@ -306,9 +307,9 @@ impl Metrics {
                 "Plugin outputs the broker could not route.",
             ),
             (
-                "warren_errors_total",
+                "warren_settle_failures_total",
                 "counter",
-                "Deliveries that hit a host-side error.",
+                "Acks the broker connection could not carry; those deliveries are redelivered.",
             ),
             (
                 "warren_in_flight",
@@ -428,7 +429,7 @@ impl Metrics {
                             "warren_requeued_total" => p.requeued.load(r),
                             "warren_published_total" => p.published.load(r),
                             "warren_unroutable_total" => p.unroutable.load(r),
-                            "warren_errors_total" => p.errors.load(r),
+                            "warren_settle_failures_total" => p.settle_failures.load(r),
                             "warren_in_flight" => u64::try_from(p.in_flight.load(r)).unwrap_or(0),
                             "warren_broker_connected" => u64::from(p.connected.load(r)),
                             "warren_plugin_file_missing" => u64::from(p.plugin_missing.load(r)),
