@@ -86,6 +86,11 @@ pub struct BrokerConfig {
     /// with TLS (RabbitMQ's TLS port is usually 5671).
     #[serde(default = "default_broker_url")]
     pub url: String,
+    /// The nodes of a RabbitMQ cluster, instead of `url`: every connection
+    /// starts at a random one (so replicas spread over the cluster) and moves
+    /// on to the next after a failure. All `amqp://` or all `amqps://`.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// First delay before reconnecting after the broker goes away; doubles up to 30 s.
     #[serde(default = "default_reconnect_ms")]
     pub reconnect_delay_ms: u64,
@@ -112,6 +117,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             url: default_broker_url(),
+            urls: Vec::new(),
             reconnect_delay_ms: default_reconnect_ms(),
             ca_file: None,
             client_cert_file: None,
@@ -122,11 +128,31 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// Whether `url` asks for TLS (`amqps://`).
+    /// Whether the broker URLs ask for TLS (`amqps://`; validation makes
+    /// sure they all agree).
     pub fn uses_tls(&self) -> bool {
-        self.url
-            .parse::<AMQPUri>()
-            .is_ok_and(|u| u.scheme == AMQPScheme::AMQPS)
+        self.endpoints()
+            .first()
+            .and_then(|u| u.parse::<AMQPUri>().ok())
+            .is_some_and(|u| u.scheme == AMQPScheme::AMQPS)
+    }
+
+    /// The broker nodes to connect to: `urls`, or `url` alone.
+    pub fn endpoints(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The nodes, without passwords, for logs.
+    pub fn redacted(&self) -> String {
+        self.endpoints()
+            .iter()
+            .map(|u| redact(u))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Any TLS file configured?
@@ -134,40 +160,76 @@ impl BrokerConfig {
         self.ca_file.is_some() || self.client_cert_file.is_some() || self.client_key_file.is_some()
     }
 
-    /// Use `url` from the environment (`WARREN_BROKER_URL`) instead of the file.
+    /// Use the URL(s) from the environment (`WARREN_BROKER_URL`, several
+    /// separated by commas) instead of the file's.
     pub fn override_url(&mut self, url: String) {
-        self.url = url;
+        let mut urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        if urls.len() > 1 {
+            self.url = default_broker_url();
+            self.urls = urls;
+        } else {
+            self.url = urls.pop().unwrap_or(url);
+            self.urls.clear();
+        }
         self.url_from_env = true;
     }
 
     /// Where the URL was set, as the operator would look for it.
     fn url_origin(&self) -> &'static str {
-        if self.url_from_env {
-            BROKER_URL_ENV
-        } else {
-            "broker.url"
+        match (self.url_from_env, self.urls.is_empty()) {
+            (true, _) => BROKER_URL_ENV,
+            (false, true) => "broker.url",
+            (false, false) => "broker.urls",
         }
     }
 
-    /// The URL parses, and the TLS files fit it and hold what they should.
+    /// The URLs parse and agree on TLS, and the TLS files fit them and hold
+    /// what they should.
     fn validate(&self) -> Result<()> {
         let origin = self.url_origin();
-        let uri: AMQPUri = self.url.parse().map_err(|e: String| {
-            // Neither the URL nor the parser's message (which quotes it) can be
-            // shown: a URL too broken to parse may not be redacted properly.
-            let e = e.replace(&self.url, "...");
-            anyhow!(
-                "{origin} is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost \
-                 or amqps://..."
-            )
-        })?;
+        if !self.urls.is_empty() && !self.url_from_env && self.url != default_broker_url() {
+            bail!("set broker.url (one node) or broker.urls (a cluster), not both");
+        }
+        let mut schemes = Vec::new();
+        for (i, url) in self.endpoints().into_iter().enumerate() {
+            let which = if self.urls.is_empty() {
+                origin.to_string()
+            } else {
+                format!("{origin} (entry {})", i.saturating_add(1))
+            };
+            let uri: AMQPUri = url.parse().map_err(|e: String| {
+                // Neither the URL nor the parser's message (which quotes it) can be
+                // shown: a URL too broken to parse may not be redacted properly.
+                let e = e.replace(url, "...");
+                anyhow!(
+                    "{which} is not an AMQP URL ({e}); expected amqp://user:password@host:port/vhost \
+                     or amqps://..."
+                )
+            })?;
+            schemes.push(uri.scheme);
+        }
+        if schemes.windows(2).any(|w| w[0] != w[1]) {
+            bail!(
+                "{origin} mixes amqp:// and amqps:// nodes: a cluster is reached the same way on \
+                 every node, or credentials would travel in clear text to some"
+            );
+        }
+        let Some(scheme) = schemes.first() else {
+            bail!("{origin} is empty: give at least one broker URL");
+        };
+        let redacted = self.redacted();
         if self.reconnect_delay_ms > MAX_RECONNECT_DELAY_MS {
             bail!(
                 "broker.reconnect_delay_ms must be at most {MAX_RECONNECT_DELAY_MS} (30 s, where the \
                  backoff stops doubling)"
             );
         }
-        if uri.scheme != AMQPScheme::AMQPS {
+        if *scheme != AMQPScheme::AMQPS {
             // A TLS setting on a plain URL would mean credentials and messages in
             // clear text where the operator meant to encrypt: refuse it.
             if self.has_tls_files() {
@@ -175,7 +237,7 @@ impl BrokerConfig {
                     "broker.ca_file / client_cert_file / client_key_file are set, but {origin} {} \
                      is not amqps://: use amqps:// (usually port 5671) to connect with TLS, or remove \
                      the TLS settings",
-                    redact(&self.url)
+                    redacted
                 );
             }
             return Ok(());
@@ -353,6 +415,11 @@ pub struct PipelineConfig {
     /// `quorum` (default) or `classic`.
     #[serde(default)]
     pub queue_type: QueueType,
+    /// Quorum queues only: how many cluster nodes hold a replica of each of the
+    /// pipeline's queues (`x-quorum-initial-group-size`); unset, the broker's
+    /// default (every node, up to its configured limit).
+    #[serde(default)]
+    pub quorum_initial_group_size: Option<u32>,
     /// Exchanges to bind the queue to.
     #[serde(default, rename = "binding")]
     pub bindings: Vec<BindingConfig>,
@@ -794,6 +861,13 @@ impl PipelineConfig {
         }
         if self.prefetch == 0 {
             bail!("prefetch must be at least 1 (0 would mean unlimited)");
+        }
+        match (self.quorum_initial_group_size, self.queue_type) {
+            (Some(0), _) => bail!("quorum_initial_group_size must be at least 1"),
+            (Some(_), QueueType::Classic) => bail!(
+                "quorum_initial_group_size is for quorum queues; this pipeline's queue_type is classic"
+            ),
+            _ => {}
         }
         self.retry.validate()?;
         self.limits.validate()?;
@@ -1264,5 +1338,68 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
             "{err}"
         );
         assert!(!err.contains("secret"), "password leaked: {err}");
+    }
+
+    #[test]
+    fn a_cluster_is_given_as_urls_or_a_comma_separated_environment_value() {
+        let c = parse(
+            "urls = [\"amqp://u:secret@n1:5672/%2f\", \"amqp://u:secret@n2:5672/%2f\"]",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.broker.endpoints().len(), 2);
+        assert_eq!(
+            c.broker.redacted(),
+            "amqp://u:***@n1:5672/%2f,amqp://u:***@n2:5672/%2f"
+        );
+
+        let err = parse(
+            "url = \"amqp://a:5672\"\nurls = [\"amqp://b:5672\"]",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err.contains("not both"), "{err}");
+
+        let err = parse(
+            "urls = [\"amqp://a:5672\", \"amqps://u:secret@b:5671\"]",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err.contains("mixes amqp:// and amqps://"), "{err}");
+        let err = parse("urls = [\"amqp://a:5672\", \"nope\"]", Path::new(".")).unwrap_err();
+        assert!(
+            err.starts_with("broker.urls (entry 2) is not an AMQP URL"),
+            "{err}"
+        );
+
+        let mut c = parse("", Path::new(".")).unwrap();
+        c.broker
+            .override_url(" amqp://n1:5672/%2f , amqp://n2:5672/%2f,".into());
+        c.validate().unwrap();
+        assert_eq!(
+            c.broker.endpoints(),
+            vec!["amqp://n1:5672/%2f", "amqp://n2:5672/%2f"]
+        );
+        c.broker.override_url("amqp://only:5672/%2f".into());
+        assert_eq!(c.broker.endpoints(), vec!["amqp://only:5672/%2f"]);
+    }
+
+    #[test]
+    fn quorum_initial_group_size_is_for_quorum_queues_only() {
+        let pipeline = |extra: &str| {
+            Config::parse(
+                &format!(
+                    "[[pipeline]]\nname = \"p\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}\n"
+                ),
+                Path::new("."),
+            )
+            .map_err(|e| format!("{e:#}"))
+        };
+        let c = pipeline("quorum_initial_group_size = 3").unwrap();
+        assert_eq!(c.pipelines[0].quorum_initial_group_size, Some(3));
+        let err = pipeline("quorum_initial_group_size = 0").unwrap_err();
+        assert!(err.contains("at least 1"), "{err}");
+        let err = pipeline("queue_type = \"classic\"\nquorum_initial_group_size = 3").unwrap_err();
+        assert!(err.contains("for quorum queues"), "{err}");
     }
 }

@@ -197,7 +197,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             init_logging(cli.log_format, config.log.format);
-            tracing::info!(broker = %warren::broker::redact(&config.broker.url), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
+            tracing::info!(broker = %config.broker.redacted(), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
             for w in config.warnings() {
                 tracing::warn!("{w}");
             }

@@ -209,7 +209,9 @@ impl Pipeline {
         consuming_since: &mut Option<Instant>,
     ) -> Result<()> {
         let name = &self.info.name;
-        let conn = Arc::new(broker::connect(endpoint, name).await?);
+        let (conn, node) = broker::connect_any(endpoint, name).await?;
+        let conn = Arc::new(conn);
+        self.metrics.set_node(Some(&node));
         let watching = tokio::spawn(watch_connection(conn.events_listener(), self.clone()));
         let result = self
             .clone()
@@ -227,6 +229,7 @@ impl Pipeline {
         }
         watching.abort();
         self.metrics.set_blocked(None);
+        self.metrics.set_node(None);
         result
     }
 
@@ -306,7 +309,7 @@ impl Pipeline {
         self.metrics.connected.store(true, Ordering::Relaxed);
         self.metrics.set_broker_error(None);
         *consuming_since = Some(Instant::now());
-        tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), "consuming");
+        tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), broker = %self.metrics.node().unwrap_or_default(), "consuming");
 
         let outcome: Result<()> = tokio::select! {
             _ = stop.wait_for(|s| *s) => Ok(()),

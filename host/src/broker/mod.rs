@@ -20,15 +20,55 @@ pub use topology::{KnownExchanges, declare};
 
 pub use crate::logtext::redact;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{BrokerConfig, read_certificates, read_private_key};
 
+/// How long one node may take to accept a connection (TCP, TLS and the AMQP
+/// handshake) before the next node is tried: a node that is down but whose
+/// address still routes (a dead VM, a dropped packet) would otherwise hold a
+/// whole round of attempts.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Open a connection named after the pipeline (visible in the management UI).
 pub async fn connect(broker: &BrokerConfig, name: &str) -> Result<Connection> {
-    let target = redact(&broker.url);
+    Ok(connect_any(broker, name).await?.0)
+}
+
+/// Open a connection to one of the broker's nodes, and say which (without
+/// its password). One call is one round: it starts at a random node, so
+/// that replicas spread over a cluster, and tries each node once. The
+/// caller's backoff applies between rounds.
+pub async fn connect_any(broker: &BrokerConfig, name: &str) -> Result<(Connection, String)> {
+    let nodes = broker.endpoints();
+    let start = fastrand::usize(..nodes.len().max(1));
+    let mut failures = Vec::new();
+    for i in 0..nodes.len() {
+        let Some(url) = nodes.get(start.saturating_add(i) % nodes.len()) else {
+            continue;
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_to(broker, url, name)).await {
+            Ok(Ok(conn)) => return Ok((conn, redact(url))),
+            Ok(Err(e)) if nodes.len() == 1 => return Err(e),
+            Ok(Err(e)) => failures.push(format!("{:#}", e)),
+            Err(_) => failures.push(format!(
+                "connecting to the broker at {} timed out after {CONNECT_TIMEOUT:?}",
+                redact(url)
+            )),
+        }
+    }
+    anyhow::bail!(
+        "no broker node accepted the connection: {}",
+        failures.join("; ")
+    )
+}
+
+async fn connect_to(broker: &BrokerConfig, url: &str, name: &str) -> Result<Connection> {
+    let target = redact(url);
     let props =
         ConnectionProperties::default().with_connection_name(format!("warren/{name}").into());
     let tls = if broker.uses_tls() {
@@ -38,7 +78,7 @@ pub async fn connect(broker: &BrokerConfig, name: &str) -> Result<Connection> {
         OwnedTLSConfig::default()
     };
     let runtime = lapin::runtime::default_runtime().context("finding the async runtime")?;
-    Connection::connect_with_config(&broker.url, props, tls, runtime)
+    Connection::connect_with_config(url, props, tls, runtime)
         .await
         .map_err(|e| explain(e, broker))
         .with_context(|| format!("connecting to the broker at {target}"))

@@ -16,7 +16,7 @@ use crate::retry::{RetryTiers, tier_queue};
 /// Declare everything `p` uses.
 pub async fn declare(channel: &Channel, p: &PipelineConfig, tiers: &RetryTiers) -> Result<()> {
     let dlq = p.dlq_name();
-    let mut main_args = queue_type_args(p.queue_type);
+    let mut main_args = queue_type_args(p);
     if p.queue_type == QueueType::Quorum && p.delivery_limit > 0 {
         // Bounds crash loops: a message that keeps killing warren (or keeps being
         // requeued) ends up in the DLQ instead of cycling forever.
@@ -34,10 +34,10 @@ pub async fn declare(channel: &Channel, p: &PipelineConfig, tiers: &RetryTiers) 
         );
     }
     queue(channel, &p.queue, main_args).await?;
-    queue(channel, &dlq, queue_type_args(p.queue_type)).await?;
+    queue(channel, &dlq, queue_type_args(p)).await?;
 
     for &ms in tiers.delays_ms() {
-        let mut args = queue_type_args(p.queue_type);
+        let mut args = queue_type_args(p);
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
@@ -96,13 +96,18 @@ pub async fn declare(channel: &Channel, p: &PipelineConfig, tiers: &RetryTiers) 
     Ok(())
 }
 
-fn queue_type_args(t: QueueType) -> FieldTable {
+/// The arguments every queue of the pipeline is declared with: its type and,
+/// for quorum queues, the replica count if one is configured.
+fn queue_type_args(p: &PipelineConfig) -> FieldTable {
     let mut args = FieldTable::default();
-    let v = match t {
+    let v = match p.queue_type {
         QueueType::Quorum => "quorum",
         QueueType::Classic => "classic",
     };
     args.insert("x-queue-type".into(), AMQPValue::LongString(v.into()));
+    if let (QueueType::Quorum, Some(n)) = (p.queue_type, p.quorum_initial_group_size) {
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongUInt(n));
+    }
     args
 }
 

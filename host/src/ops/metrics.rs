@@ -63,6 +63,8 @@ pub struct PipelineMetrics {
     last_effect_error: RwLock<Option<String>>,
     /// The pipeline's task panicked: it consumes no more until warren restarts.
     crashed: RwLock<Option<String>>,
+    /// The broker node of the current connection (URL without password).
+    node: RwLock<Option<String>>,
 }
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
@@ -208,6 +210,18 @@ impl PipelineMetrics {
         }
     }
 
+    /// The broker node connected to now (`None` between connections).
+    pub fn set_node(&self, node: Option<&str>) {
+        if let Ok(mut g) = self.node.write() {
+            *g = node.map(str::to_string);
+        }
+    }
+
+    /// The broker node of the current connection, if any.
+    pub fn node(&self) -> Option<String> {
+        self.node.read().ok().and_then(|g| g.clone())
+    }
+
     /// Why the pipeline's task panicked, if it did.
     pub fn crashed(&self) -> Option<String> {
         self.crashed.read().ok().and_then(|g| g.clone())
@@ -264,6 +278,7 @@ impl Metrics {
                 serde_json::json!({
                     "name": p.name,
                     "connected": p.connected.load(Ordering::Relaxed),
+                    "broker_node": p.node(),
                     "plugin_version": p.plugin_version(),
                     "plugin_file_missing": p.plugin_missing.load(Ordering::Relaxed),
                     "last_reload_error": p.last_reload_error(),
