@@ -304,7 +304,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let (json, ok) = match inv.result {
                 Ok(outcome) => (outcome_json(outcome), true),
                 Err(f) => (
-                    serde_json::json!({ "failure": { "kind": f.kind(), "message": f.to_string() } }),
+                    serde_json::json!({ "failure": { "kind": f.kind().label(), "message": f.to_string() } }),
                     false,
                 ),
             };

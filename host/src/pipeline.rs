@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Wake, Waker};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::StreamExt;
@@ -734,6 +734,8 @@ impl Work {
         let tag = delivery.delivery_tag;
         let redelivered = delivery.redelivered;
         let plugin = p.slot.current();
+        // The producer's AMQP `timestamp`: seconds since the epoch.
+        let sent = delivery.properties.timestamp().as_ref().copied();
         let env = Envelope::new(
             delivery.properties,
             delivery.exchange.as_str(),
@@ -800,6 +802,13 @@ impl Work {
             p.limits,
         );
         p.metrics.observe_handle(invocation.elapsed);
+        if let Some(age) = sent.and_then(|secs| {
+            let sent = UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+            // A producer clock ahead of ours gives no age rather than a false one.
+            at.now.duration_since(sent).ok()
+        }) {
+            p.metrics.observe_end_to_end(age);
+        }
         let dropped = invocation.log_dropped();
         if dropped > 0 {
             p.metrics.log_dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -961,7 +970,9 @@ impl Work {
         if !self.publisher.usable() {
             bail!("the publish channel is closed");
         }
+        let started = Instant::now();
         let report = self.publisher.publish_all(&plan.publications).await?;
+        p.metrics.observe_confirm(started.elapsed());
         p.metrics
             .published
             .fetch_add(report.published, Ordering::Relaxed);

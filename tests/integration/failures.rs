@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use warren::ops::FailureKind;
 
 use warren::disposition::Disposition;
 use warren::plugins::PluginLoader;
@@ -49,9 +50,9 @@ async fn trap_timeout_and_memory_hog_are_charged_to_their_message() -> anyhow::R
         reasons["hog"].contains("memory limit of 32 MiB"),
         "{reasons:?}"
     );
-    assert_eq!(m.failure_count("trap"), 1);
-    assert_eq!(m.failure_count("timeout"), 1);
-    assert_eq!(m.failure_count("memory"), 1);
+    assert_eq!(m.failure_count(FailureKind::Trap), 1);
+    assert_eq!(m.failure_count(FailureKind::Timeout), 1);
+    assert_eq!(m.failure_count(FailureKind::Memory), 1);
     // Counted once the broker's confirm is in, which may be after the
     // effect itself has reached the test.
     eventually(WAIT, || m.outcome_count(Disposition::DeadLetter) == 3).await?;
@@ -75,7 +76,7 @@ async fn a_failing_message_is_retried_with_backoff_before_it_is_parked() -> anyh
         header(&d, "x-warren-reason")
             .is_some_and(|r| r.starts_with("gave up after 3 attempts: plugin trapped"))
     );
-    assert_eq!(m.failure_count("trap"), 3);
+    assert_eq!(m.failure_count(FailureKind::Trap), 3);
     // Counted once the broker's confirm is in, which may be after the
     // effect itself has reached the test.
     eventually(WAIT, || m.outcome_count(Disposition::Retry) == 2).await?;

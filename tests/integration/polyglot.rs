@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use warren::ops::FailureKind;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -70,7 +71,7 @@ async fn trap_is_charged_to_its_message(
     body: &[u8],
     said: &str,
 ) -> anyhow::Result<()> {
-    let traps_before = m.failure_count("trap");
+    let traps_before = m.failure_count(FailureKind::Trap);
     client
         .publish("", q, body, with_headers(&[("x-fault", "trap")]))
         .await?;
@@ -83,7 +84,7 @@ async fn trap_is_charged_to_its_message(
         reason(&d)
     );
     assert_eq!(header(&d, "x-warren-attempts").as_deref(), Some("3"));
-    assert_eq!(m.failure_count("trap") - traps_before, 3);
+    assert_eq!(m.failure_count(FailureKind::Trap) - traps_before, 3);
     Ok(())
 }
 

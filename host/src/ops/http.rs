@@ -113,7 +113,7 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
     let (status, ctype, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", super::metrics::CONTENT_TYPE, metrics.render()),
         ("GET" | "HEAD", "/healthz") => {
             ("200 OK", "application/json", r#"{"live":true}"#.to_string())
         }

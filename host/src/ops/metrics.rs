@@ -1,12 +1,63 @@
-//! Counters and gauges per pipeline, rendered as Prometheus text. Plain atomics:
-//! the message path only ever does relaxed increments.
+//! Counters, gauges and histograms per pipeline, exposed in the Prometheus
+//! text format by `prometheus-client`.
+//!
+//! Counters and gauges are plain atomics owned by each pipeline's
+//! [`PipelineMetrics`], resolved once when the pipeline starts, so the message
+//! path is one relaxed add; a scrape reads them into the library's constant
+//! metrics ([`Scrape`]). Histograms are the library's own (one lock-free-ish
+//! observe per message). Label values come from the enums that own them
+//! ([`Disposition`], [`FailureKind`]).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 use crate::disposition::Disposition;
+pub use crate::runtime::FailureKind;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Buckets (seconds) of one plugin call: 100 µs to 30 s.
+const HANDLE_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 30.0,
+];
+/// Buckets (seconds) of publishing a message's effects until confirmed.
+const CONFIRM_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+/// Buckets (seconds) from publish to handled: the AMQP `timestamp` has
+/// one-second resolution, so nothing finer.
+const END_TO_END_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// One pipeline's histograms.
+#[derive(Debug, Clone)]
+struct Histograms {
+    handle: Histogram,
+    confirm: Histogram,
+    end_to_end: Histogram,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Self {
+            handle: Histogram::new(HANDLE_BUCKETS),
+            confirm: Histogram::new(CONFIRM_BUCKETS),
+            end_to_end: Histogram::new(END_TO_END_BUCKETS),
+        }
+    }
+}
 
 /// All pipelines' metrics.
 #[derive(Debug, Default)]
@@ -29,8 +80,7 @@ pub struct PipelineMetrics {
     /// Deliveries taken by a worker and not yet settled (prefetched ones still
     /// waiting for a worker are not counted).
     pub in_flight: AtomicI64,
-    handle_micros: AtomicU64,
-    handle_count: AtomicU64,
+    histograms: Histograms,
     /// Whether the pipeline's consumer is attached to the broker.
     pub connected: AtomicBool,
     /// Broker (re)connections after a loss.
@@ -69,8 +119,6 @@ pub struct PipelineMetrics {
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
 
-const FAILURE_KINDS: [&str; 4] = ["trap", "timeout", "memory", "instantiate"];
-
 impl PipelineMetrics {
     /// Count a settled delivery.
     pub fn outcome(&self, d: Disposition) {
@@ -84,28 +132,33 @@ impl PipelineMetrics {
         self.outcomes[i].load(Ordering::Relaxed)
     }
 
-    /// Count a plugin failure by kind (`trap`, `timeout`, `memory`, `instantiate`).
-    pub fn failure(&self, kind: &str) {
-        if let Some(i) = FAILURE_KINDS.iter().position(|k| *k == kind) {
-            self.failures[i].fetch_add(1, Ordering::Relaxed);
+    /// Count a plugin failure.
+    pub fn failure(&self, kind: FailureKind) {
+        if let Some(c) = self.failures.get(kind.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Plugin failures of this kind so far.
-    pub fn failure_count(&self, kind: &str) -> u64 {
-        FAILURE_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .map_or(0, |i| self.failures[i].load(Ordering::Relaxed))
+    pub fn failure_count(&self, kind: FailureKind) -> u64 {
+        self.failures
+            .get(kind.index())
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Record the duration of one plugin call.
     pub fn observe_handle(&self, d: Duration) {
-        self.handle_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        self.handle_count.fetch_add(1, Ordering::Relaxed);
+        self.histograms.handle.observe(d.as_secs_f64());
+    }
+
+    /// Record how long a message's effects took from publishing to confirmed.
+    pub fn observe_confirm(&self, d: Duration) {
+        self.histograms.confirm.observe(d.as_secs_f64());
+    }
+
+    /// Record the time from the producer's `timestamp` to handled.
+    pub fn observe_end_to_end(&self, d: Duration) {
+        self.histograms.end_to_end.observe(d.as_secs_f64());
     }
 
     /// Count a reload attempt that changed something: `None` = swapped, `Some(why)` = failed.
@@ -292,180 +345,270 @@ impl Metrics {
         serde_json::json!({ "ready": self.ready(), "pipelines": pipelines })
     }
 
-    /// Prometheus text exposition format.
+    /// The Prometheus text exposition format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape(self.pipelines.clone())));
         let mut out = String::new();
-        let families: [(&str, &str, &str); 19] = [
-            (
-                "warren_messages_total",
-                "counter",
-                "Deliveries settled, by outcome.",
-            ),
-            (
-                "warren_requeued_total",
-                "counter",
-                "Deliveries requeued because an effect was not confirmed.",
-            ),
-            (
-                "warren_plugin_failures_total",
-                "counter",
-                "Plugin calls that failed, by kind.",
-            ),
-            (
-                "warren_published_total",
-                "counter",
-                "Plugin outputs and replies confirmed by the broker.",
-            ),
-            (
-                "warren_unroutable_total",
-                "counter",
-                "Plugin outputs the broker could not route.",
-            ),
-            (
-                "warren_settle_failures_total",
-                "counter",
-                "Acks the broker connection could not carry; those deliveries are redelivered.",
-            ),
-            (
-                "warren_in_flight",
-                "gauge",
-                "Deliveries being handled: taken by a worker, not yet settled.",
-            ),
-            (
-                "warren_handle_seconds",
-                "summary",
-                "Time spent in plugin calls.",
-            ),
-            (
-                "warren_broker_connected",
-                "gauge",
-                "1 when the pipeline's consumer is attached.",
-            ),
-            (
-                "warren_reconnects_total",
-                "counter",
-                "Broker reconnections.",
-            ),
-            ("warren_plugin_info", "gauge", "Active plugin version."),
-            (
-                "warren_plugin_reloads_total",
-                "counter",
-                "Plugin reloads, by result.",
-            ),
-            (
-                "warren_plugin_loads_total",
-                "counter",
-                "Plugin loads, by where the compiled code came from.",
-            ),
-            (
-                "warren_plugin_file_missing",
-                "gauge",
-                "1 while the plugin file is gone (the loaded version serves).",
-            ),
-            (
-                "warren_broker_blocked",
-                "gauge",
-                "1 while the broker blocks the pipeline's connection (resource alarm).",
-            ),
-            (
-                "warren_prefetch",
-                "gauge",
-                "Prefetch of the pipeline's consumer: the configured one, or less to keep max_in_flight_mb.",
-            ),
-            (
-                "warren_plugin_log_dropped_total",
-                "counter",
-                "host.log lines dropped over a message's limits.max_log_lines or max_log_kib.",
-            ),
-            (
-                "warren_poison_parked_total",
-                "counter",
-                "Messages parked in the DLQ because the broker session died with them in flight session_death_limit times.",
-            ),
-            (
-                "warren_topology_repairs_total",
-                "counter",
-                "Missing queues of the pipeline declared again after a copy could not reach them.",
-            ),
-        ];
-        for (name, kind, help) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for p in &self.pipelines {
-                let l = format!("pipeline=\"{}\"", escape(&p.name));
-                let r = Ordering::Relaxed;
-                match name {
-                    "warren_messages_total" => {
-                        for (i, d) in Disposition::ALL.iter().enumerate() {
-                            let _ = writeln!(
-                                out,
-                                "{name}{{{l},outcome=\"{}\"}} {}",
-                                d.label(),
-                                p.outcomes[i].load(r)
-                            );
-                        }
-                    }
-                    "warren_plugin_failures_total" => {
-                        for (i, k) in FAILURE_KINDS.iter().enumerate() {
-                            let _ = writeln!(
-                                out,
-                                "{name}{{{l},kind=\"{k}\"}} {}",
-                                p.failures[i].load(r)
-                            );
-                        }
-                    }
-                    "warren_handle_seconds" => {
-                        let secs = p.handle_micros.load(r) as f64 / 1e6;
-                        let _ = writeln!(out, "{name}_sum{{{l}}} {secs}");
-                        let _ = writeln!(out, "{name}_count{{{l}}} {}", p.handle_count.load(r));
-                    }
-                    "warren_plugin_reloads_total" => {
-                        let _ = writeln!(out, "{name}{{{l},result=\"ok\"}} {}", p.reloads.load(r));
-                        let _ = writeln!(
-                            out,
-                            "{name}{{{l},result=\"failed\"}} {}",
-                            p.reload_failures.load(r)
-                        );
-                    }
-                    "warren_plugin_loads_total" => {
-                        for (i, k) in CACHE_OUTCOMES.iter().enumerate() {
-                            let _ = writeln!(
-                                out,
-                                "{name}{{{l},source=\"{k}\"}} {}",
-                                p.cache[i].load(r)
-                            );
-                        }
-                    }
-                    "warren_plugin_info" => {
-                        let v = escape(&p.plugin_version());
-                        let _ = writeln!(out, "{name}{{{l},version=\"{v}\"}} 1");
-                    }
-                    _ => {
-                        let v = match name {
-                            "warren_requeued_total" => p.requeued.load(r),
-                            "warren_published_total" => p.published.load(r),
-                            "warren_unroutable_total" => p.unroutable.load(r),
-                            "warren_settle_failures_total" => p.settle_failures.load(r),
-                            "warren_in_flight" => u64::try_from(p.in_flight.load(r)).unwrap_or(0),
-                            "warren_broker_connected" => u64::from(p.connected.load(r)),
-                            "warren_plugin_file_missing" => u64::from(p.plugin_missing.load(r)),
-                            "warren_broker_blocked" => u64::from(p.blocked()),
-                            "warren_topology_repairs_total" => p.topology_repairs.load(r),
-                            "warren_poison_parked_total" => p.poison_parked.load(r),
-                            "warren_plugin_log_dropped_total" => p.log_dropped.load(r),
-                            "warren_prefetch" => p.prefetch.load(r),
-                            _ => p.reconnects.load(r),
-                        };
-                        let _ = writeln!(out, "{name}{{{l}}} {v}");
-                    }
-                }
-            }
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "rendering the metrics failed");
         }
         out
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// One scrape: reads every pipeline's atomics into constant metrics.
+#[derive(Debug)]
+struct Scrape(Vec<Arc<PipelineMetrics>>);
+
+/// A sample's value.
+enum Value<'a> {
+    Counter(u64),
+    Gauge(i64),
+    Histogram(&'a Histogram),
+}
+
+/// Label set of one sample: always the pipeline, sometimes one more.
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+impl Scrape {
+    /// One metric family: `samples` gives each pipeline's samples.
+    fn family<'p>(
+        &'p self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: impl Fn(&'p PipelineMetrics) -> Vec<(Option<(&'static str, &'p str)>, Value<'p>)>,
+    ) -> std::fmt::Result {
+        let mut family = enc.encode_descriptor(name, help, None, kind)?;
+        for p in &self.0 {
+            for (extra, value) in samples(p) {
+                let mut labels: Labels<'_> = vec![("pipeline", p.name.as_str())];
+                labels.extend(extra);
+                let m = family.encode_family(&labels)?;
+                match value {
+                    Value::Counter(v) => ConstCounter::new(v).encode(m)?,
+                    Value::Gauge(v) => ConstGauge::new(v).encode(m)?,
+                    Value::Histogram(h) => h.encode(m)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn one<'p>(v: Value<'p>) -> Vec<(Option<(&'static str, &'p str)>, Value<'p>)> {
+    vec![(None, v)]
+}
+
+fn flag(b: bool) -> Value<'static> {
+    Value::Gauge(i64::from(b))
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge, Histogram as Hist};
+        let r = Ordering::Relaxed;
+        let count = |a: &AtomicU64| Value::Counter(a.load(r));
+        // Counters are named without `_total`: the encoder appends it.
+        self.family(
+            &mut enc,
+            "warren_messages",
+            "Deliveries settled, by outcome.",
+            Counter,
+            |p| {
+                Disposition::ALL
+                    .iter()
+                    .map(|d| {
+                        (
+                            Some(("outcome", d.label())),
+                            Value::Counter(p.outcome_count(*d)),
+                        )
+                    })
+                    .collect()
+            },
+        )?;
+        self.family(
+            &mut enc,
+            "warren_plugin_failures",
+            "Plugin calls that failed, by kind.",
+            Counter,
+            |p| {
+                FailureKind::ALL
+                    .iter()
+                    .map(|k| {
+                        (
+                            Some(("kind", k.label())),
+                            Value::Counter(p.failure_count(*k)),
+                        )
+                    })
+                    .collect()
+            },
+        )?;
+        self.family(
+            &mut enc,
+            "warren_requeued",
+            "Deliveries requeued because an effect was not confirmed.",
+            Counter,
+            |p| one(count(&p.requeued)),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_published",
+            "Plugin outputs and replies confirmed by the broker.",
+            Counter,
+            |p| one(count(&p.published)),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_unroutable",
+            "Plugin outputs the broker could not route.",
+            Counter,
+            |p| one(count(&p.unroutable)),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_settle_failures",
+            "Acks the broker connection could not carry; those deliveries are redelivered.",
+            Counter,
+            |p| one(count(&p.settle_failures)),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_in_flight",
+            "Deliveries being handled: taken by a worker, not yet settled.",
+            Gauge,
+            |p| one(Value::Gauge(p.in_flight.load(r))),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_handle_seconds",
+            "Time spent in plugin calls.",
+            Hist,
+            |p| one(Value::Histogram(&p.histograms.handle)),
+        )?;
+        self.family(&mut enc, "warren_publish_confirm_seconds", "Time from publishing a message's effects (outputs, reply, retry or DLQ copy) to the broker's confirms.", Hist, |p| one(Value::Histogram(&p.histograms.confirm)))?;
+        self.family(&mut enc, "warren_end_to_end_seconds", "Time from the producer's AMQP timestamp (1 s resolution) to handled; messages without one are not observed.", Hist, |p| one(Value::Histogram(&p.histograms.end_to_end)))?;
+        self.family(
+            &mut enc,
+            "warren_broker_connected",
+            "1 when the pipeline's consumer is attached.",
+            Gauge,
+            |p| one(flag(p.connected.load(r))),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_reconnects",
+            "Broker reconnections.",
+            Counter,
+            |p| one(count(&p.reconnects)),
+        )?;
+        let versions: Vec<String> = self.0.iter().map(|p| p.plugin_version()).collect();
+        let mut info =
+            enc.encode_descriptor("warren_plugin_info", "Active plugin version.", None, Gauge)?;
+        for (p, v) in self.0.iter().zip(&versions) {
+            let labels: Labels<'_> = vec![("pipeline", p.name.as_str()), ("version", v.as_str())];
+            ConstGauge::new(1i64).encode(info.encode_family(&labels)?)?;
+        }
+        self.family(
+            &mut enc,
+            "warren_plugin_reloads",
+            "Plugin reloads, by result.",
+            Counter,
+            |p| {
+                vec![
+                    (Some(("result", "ok")), Value::Counter(p.reload_count())),
+                    (
+                        Some(("result", "failed")),
+                        Value::Counter(p.reload_failure_count()),
+                    ),
+                ]
+            },
+        )?;
+        self.family(
+            &mut enc,
+            "warren_plugin_loads",
+            "Plugin loads, by where the compiled code came from.",
+            Counter,
+            |p| {
+                CACHE_OUTCOMES
+                    .iter()
+                    .map(|k| (Some(("source", *k)), Value::Counter(p.cache_count(k))))
+                    .collect()
+            },
+        )?;
+        self.family(
+            &mut enc,
+            "warren_plugin_file_missing",
+            "1 while the plugin file is gone (the loaded version serves).",
+            Gauge,
+            |p| one(flag(p.plugin_missing.load(r))),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_broker_blocked",
+            "1 while the broker blocks the pipeline's connection (resource alarm).",
+            Gauge,
+            |p| one(flag(p.blocked())),
+        )?;
+        self.family(&mut enc, "warren_prefetch", "Prefetch of the pipeline's consumer: the configured one, or less to keep max_in_flight_mb.", Gauge, |p| one(Value::Gauge(i64::try_from(p.prefetch.load(r)).unwrap_or(i64::MAX))))?;
+        self.family(
+            &mut enc,
+            "warren_plugin_log_dropped",
+            "host.log lines dropped over a message's limits.max_log_lines or max_log_kib.",
+            Counter,
+            |p| one(count(&p.log_dropped)),
+        )?;
+        self.family(&mut enc, "warren_poison_parked", "Messages parked in the DLQ because the broker session died with them in flight session_death_limit times.", Counter, |p| one(count(&p.poison_parked)))?;
+        self.family(
+            &mut enc,
+            "warren_topology_repairs",
+            "Missing queues of the pipeline declared again after a copy could not reach them.",
+            Counter,
+            |p| one(count(&p.topology_repairs)),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_pipeline_crashed",
+            "1 after the pipeline's task panicked (it consumes no more until warren restarts).",
+            Gauge,
+            |p| one(flag(p.crashed().is_some())),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn renders_counters_gauges_and_histograms_with_their_labels() {
+        let m = Metrics::new(["a\"b"]);
+        let p = m.pipeline("a\"b").unwrap();
+        p.outcome(Disposition::Ack);
+        p.failure(FailureKind::Timeout);
+        p.observe_handle(Duration::from_millis(3));
+        p.observe_end_to_end(Duration::from_secs(4));
+        p.set_plugin_version("abc");
+        let text = m.render();
+        for line in [
+            "# TYPE warren_messages_total counter",
+            r#"warren_messages_total{pipeline="a\"b",outcome="ack"} 1"#,
+            r#"warren_plugin_failures_total{pipeline="a\"b",kind="timeout"} 1"#,
+            r#"warren_plugin_failures_total{pipeline="a\"b",kind="trap"} 0"#,
+            "# TYPE warren_handle_seconds histogram",
+            r#"warren_handle_seconds_bucket{pipeline="a\"b",le="0.0025"} 0"#,
+            r#"warren_handle_seconds_bucket{pipeline="a\"b",le="0.005"} 1"#,
+            r#"warren_handle_seconds_count{pipeline="a\"b"} 1"#,
+            r#"warren_end_to_end_seconds_bucket{pipeline="a\"b",le="2"} 0"#,
+            r#"warren_end_to_end_seconds_bucket{pipeline="a\"b",le="5"} 1"#,
+            r#"warren_plugin_info{pipeline="a\"b",version="abc"} 1"#,
+            "# TYPE warren_broker_blocked gauge",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
 }

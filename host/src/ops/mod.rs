@@ -5,4 +5,4 @@ mod http;
 mod metrics;
 
 pub use http::serve;
-pub use metrics::{Metrics, PipelineMetrics};
+pub use metrics::{FailureKind, Metrics, PipelineMetrics};

@@ -52,13 +52,51 @@ pub enum PluginFailure {
 }
 
 impl PluginFailure {
-    /// Short label used in metrics.
-    pub fn kind(&self) -> &'static str {
+    /// The kind, as counted in metrics.
+    pub fn kind(&self) -> FailureKind {
         match self {
-            Self::Trap(_) => "trap",
-            Self::Timeout(_) => "timeout",
-            Self::OutOfMemory(_) => "memory",
-            Self::Instantiate(_) => "instantiate",
+            Self::Trap(_) => FailureKind::Trap,
+            Self::Timeout(_) => FailureKind::Timeout,
+            Self::OutOfMemory(_) => FailureKind::Memory,
+            Self::Instantiate(_) => FailureKind::Instantiate,
+        }
+    }
+}
+
+/// Why a plugin call failed, as counted (`kind` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The plugin trapped (panicked, hit `unreachable`, ...).
+    Trap,
+    /// It ran past `limits.timeout_ms`.
+    Timeout,
+    /// It hit `limits.memory_mib`.
+    Memory,
+    /// It could not be instantiated.
+    Instantiate,
+}
+
+impl FailureKind {
+    /// Every kind, in label order.
+    pub const ALL: [FailureKind; 4] = [Self::Trap, Self::Timeout, Self::Memory, Self::Instantiate];
+
+    /// The `kind` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Trap => "trap",
+            Self::Timeout => "timeout",
+            Self::Memory => "memory",
+            Self::Instantiate => "instantiate",
+        }
+    }
+
+    /// Position in [`FailureKind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Trap => 0,
+            Self::Timeout => 1,
+            Self::Memory => 2,
+            Self::Instantiate => 3,
         }
     }
 }

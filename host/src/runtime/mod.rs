@@ -10,5 +10,5 @@ pub(crate) use bindings::PluginPre;
 pub use bindings::{Message, Outcome, Outgoing, RetryRequest, RpcReply};
 pub use engine::{Runtime, RuntimeOptions};
 pub(crate) use invoke::invoke;
-pub use invoke::{Invocation, InvokeLimits, PluginFailure};
+pub use invoke::{FailureKind, Invocation, InvokeLimits, PluginFailure};
 pub(crate) use state::{HostState, LogContext};
