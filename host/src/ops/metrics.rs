@@ -611,4 +611,32 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
     }
+
+    #[test]
+    fn every_metric_the_grafana_dashboard_queries_exists() {
+        let dashboard = include_str!("../../../deploy/grafana/warren.json");
+        let text = Metrics::new(["p"]).render();
+        let mut names: Vec<&str> = dashboard
+            .match_indices("warren_")
+            .map(|(i, _)| {
+                let rest = &dashboard[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .filter(|n| n.len() > "warren_".len())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() > 10, "{names:?}");
+        for name in names {
+            // A histogram is named by its series' common stem, too.
+            assert!(
+                text.contains(&format!("\n{name}{{"))
+                    || text.contains(&format!("\n{name}_bucket{{")),
+                "the dashboard queries {name}, which /metrics does not have"
+            );
+        }
+    }
 }
