@@ -192,132 +192,148 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let log_format = cli.log_format;
     match cli.command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
-            init_logging(cli.log_format, config.log.format);
-            tracing::info!(broker = %config.broker.redacted(), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
-            for w in config.warnings() {
-                tracing::warn!("{w}");
-            }
-            let ended = rt.block_on(serve(config));
-            // Whatever is still running (plugin calls cut short by a second
-            // signal, a plugin still compiling) is abandoned, not waited for:
-            // the broker redelivers unacknowledged messages.
-            rt.shutdown_background();
-            Ok(match ended? {
-                Ended::Stopped => ExitCode::SUCCESS,
-                Ended::Forced(code) => ExitCode::from(code),
-            })
-        }
-        Command::Check { config: path } => {
-            init_logging(cli.log_format, LogFormat::Text);
-            let config = Config::load(&path)?;
-            let loader = warren::plugin_loader(&config)?;
-            let loaded = warren::load_plugins(&loader, &config)?;
-            for (p, plugin) in config.pipelines.iter().zip(&loaded) {
-                println!(
-                    "ok  pipeline {:<16} queue {:<20} plugin {} (version {}, loaded in {} ms, cache {})",
-                    p.name,
-                    p.queue,
-                    plugin.path().display(),
-                    plugin.version(),
-                    plugin.load_time().as_millis(),
-                    plugin.source().label()
-                );
-            }
-            for w in config.warnings() {
-                println!("warning: {w}");
-            }
-            println!(
-                "{}: configuration valid, {} pipeline(s)",
-                path.display(),
-                loaded.len()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run { config } => run(&config, log_format),
+        Command::Check { config } => check(&config, log_format),
         Command::Dlq(cmd) => {
-            init_logging(cli.log_format, LogFormat::Text);
-            rt.block_on(dlq(cmd))
+            init_logging(log_format, LogFormat::Text);
+            async_runtime()?.block_on(dlq(cmd))
         }
-        Command::Invoke(args) => {
-            let InvokeArgs {
-                plugin,
-                body,
-                body_file,
-                headers,
-                config,
-                content_type,
-                reply_to,
-                correlation_id,
-                message_id,
-                exchange,
-                routing_key,
-                queue,
-                attempt,
-                timeout_ms,
-                memory_mib,
-            } = *args;
-            init_logging(cli.log_format, LogFormat::Text);
-            let body = match (body, body_file) {
-                (Some(b), _) => b.into_bytes(),
-                (None, Some(f)) => read_body_file(&f)?,
-                (None, None) => Vec::new(),
-            };
-            // The same ranges as `[pipeline.limits]`, for the same reasons.
-            if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
-                bail!("--timeout-ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)");
-            }
-            if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
-                bail!("--memory-mib must be between 1 and {MAX_MEMORY_MIB}");
-            }
-            let limits = InvokeLimits::new(
-                Duration::from_millis(timeout_ms),
-                usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
-            );
-            let runtime = Runtime::new(&RuntimeOptions {
-                max_instances: 2,
-                max_memory_bytes: usize::try_from(MAX_MEMORY_MIB << 20).unwrap_or(usize::MAX),
-            })?;
-            let loaded = PluginLoader::new(runtime, None)?.load(&plugin)?;
-            warren::plugins::check_fits_as(&loaded, limits.memory_bytes, "--memory-mib")?;
-            let msg = Message {
-                body,
-                content_type,
-                exchange,
-                routing_key,
-                queue,
-                headers,
-                message_id,
-                correlation_id,
-                reply_to,
-                attempt,
-            };
-            let config: BTreeMap<_, _> = config.into_iter().collect();
-            let inv = rt.block_on(async {
-                tokio::task::spawn_blocking(move || {
-                    loaded.invoke(&msg, Arc::new(config), "invoke".into(), limits)
-                })
-                .await
-            })?;
-            let (json, ok) = match inv.result {
-                Ok(outcome) => (outcome_json(outcome), true),
-                Err(f) => (
-                    serde_json::json!({ "failure": { "kind": f.kind().label(), "message": f.to_string() } }),
-                    false,
-                ),
-            };
-            let mut json = json;
-            json["elapsed_ms"] = serde_json::json!(inv.elapsed.as_secs_f64() * 1000.0);
-            println!("{}", serde_json::to_string_pretty(&json)?);
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            })
-        }
+        Command::Invoke(args) => invoke(*args, log_format),
     }
+}
+
+/// The tokio runtime of the commands that talk to the broker or run plugins.
+fn async_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+/// `warren run`: serve until a signal.
+fn run(config: &std::path::Path, log_format: Option<Format>) -> Result<ExitCode> {
+    let rt = async_runtime()?;
+    let config = Config::load(config)?;
+    init_logging(log_format, config.log.format);
+    tracing::info!(broker = %config.broker.redacted(), tls = config.broker.uses_tls(), pipelines = config.pipelines.len(), "starting warren");
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
+    let ended = rt.block_on(serve(config));
+    // Whatever is still running (plugin calls cut short by a second
+    // signal, a plugin still compiling) is abandoned, not waited for:
+    // the broker redelivers unacknowledged messages.
+    rt.shutdown_background();
+    Ok(match ended? {
+        Ended::Stopped => ExitCode::SUCCESS,
+        Ended::Forced(code) => ExitCode::from(code),
+    })
+}
+
+/// `warren check`: everything `run` would refuse, without a broker.
+fn check(path: &std::path::Path, log_format: Option<Format>) -> Result<ExitCode> {
+    init_logging(log_format, LogFormat::Text);
+    let config = Config::load(path)?;
+    let loader = warren::plugin_loader(&config)?;
+    let loaded = warren::load_plugins(&loader, &config)?;
+    for (p, plugin) in config.pipelines.iter().zip(&loaded) {
+        println!(
+            "ok  pipeline {:<16} queue {:<20} plugin {} (version {}, loaded in {} ms, cache {})",
+            p.name,
+            p.queue,
+            plugin.path().display(),
+            plugin.version(),
+            plugin.load_time().as_millis(),
+            plugin.source().label()
+        );
+    }
+    for w in config.warnings() {
+        println!("warning: {w}");
+    }
+    println!(
+        "{}: configuration valid, {} pipeline(s)",
+        path.display(),
+        loaded.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warren invoke`: one plugin call, printed as JSON.
+fn invoke(args: InvokeArgs, log_format: Option<Format>) -> Result<ExitCode> {
+    let rt = async_runtime()?;
+    let InvokeArgs {
+        plugin,
+        body,
+        body_file,
+        headers,
+        config,
+        content_type,
+        reply_to,
+        correlation_id,
+        message_id,
+        exchange,
+        routing_key,
+        queue,
+        attempt,
+        timeout_ms,
+        memory_mib,
+    } = args;
+    init_logging(log_format, LogFormat::Text);
+    let body = match (body, body_file) {
+        (Some(b), _) => b.into_bytes(),
+        (None, Some(f)) => read_body_file(&f)?,
+        (None, None) => Vec::new(),
+    };
+    // The same ranges as `[pipeline.limits]`, for the same reasons.
+    if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
+        bail!("--timeout-ms must be between 1 and {MAX_TIMEOUT_MS} (24 hours)");
+    }
+    if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+        bail!("--memory-mib must be between 1 and {MAX_MEMORY_MIB}");
+    }
+    let limits = InvokeLimits::new(
+        Duration::from_millis(timeout_ms),
+        usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
+    );
+    let runtime = Runtime::new(&RuntimeOptions {
+        max_instances: 2,
+        max_memory_bytes: usize::try_from(MAX_MEMORY_MIB << 20).unwrap_or(usize::MAX),
+    })?;
+    let loaded = PluginLoader::new(runtime, None)?.load(&plugin)?;
+    warren::plugins::check_fits_as(&loaded, limits.memory_bytes, "--memory-mib")?;
+    let msg = Message {
+        body,
+        content_type,
+        exchange,
+        routing_key,
+        queue,
+        headers,
+        message_id,
+        correlation_id,
+        reply_to,
+        attempt,
+    };
+    let config: BTreeMap<_, _> = config.into_iter().collect();
+    let inv = rt.block_on(async {
+        tokio::task::spawn_blocking(move || {
+            loaded.invoke(&msg, Arc::new(config), "invoke".into(), limits)
+        })
+        .await
+    })?;
+    let (json, ok) = match inv.result {
+        Ok(outcome) => (outcome_json(outcome), true),
+        Err(f) => (
+            serde_json::json!({ "failure": { "kind": f.kind().label(), "message": f.to_string() } }),
+            false,
+        ),
+    };
+    let mut json = json;
+    json["elapsed_ms"] = serde_json::json!(inv.elapsed.as_secs_f64() * 1000.0);
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 async fn dlq(cmd: DlqCommand) -> Result<ExitCode> {
