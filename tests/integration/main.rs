@@ -9,6 +9,7 @@ mod cache;
 mod config_errors;
 mod conservation;
 mod dlq;
+mod downstream;
 mod examples;
 mod failures;
 mod hostile;

@@ -60,6 +60,8 @@ pub struct PipelineMetrics {
     blocked_now: AtomicBool,
     /// The last refused effect, while refusals go on.
     last_effect_error: RwLock<Option<String>>,
+    /// Rate limit and circuit breaker.
+    pub downstream: crate::downstream::DownstreamMetrics,
 }
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
@@ -253,10 +255,19 @@ impl Metrics {
                     "last_broker_error": p.last_broker_error(),
                     "last_effect_error": p.last_effect_error(),
                     "blocked": p.blocked.read().ok().and_then(|g| g.clone()),
+                    "circuit": p.downstream.readiness_json(),
                 })
             })
             .collect();
-        serde_json::json!({ "ready": self.ready(), "pipelines": pipelines })
+        // An open breaker is "degraded": the process is fine and must not be
+        // restarted, so it does not make the endpoint answer "not ready".
+        let degraded = self.pipelines.iter().any(|p| p.downstream.degraded());
+        let status = match (self.ready(), degraded) {
+            (false, _) => "not_ready",
+            (true, true) => "degraded",
+            (true, false) => "ready",
+        };
+        serde_json::json!({ "ready": self.ready(), "status": status, "pipelines": pipelines })
     }
 
     /// Prometheus text exposition format.
@@ -427,6 +438,13 @@ impl Metrics {
                 }
             }
         }
+        crate::downstream::render(
+            self.pipelines
+                .iter()
+                .map(|p| (p.name.as_str(), &p.downstream)),
+            escape,
+            &mut out,
+        );
         out
     }
 }
