@@ -399,3 +399,39 @@ fn check_refuses_limits_and_breakers_that_cannot_be_served() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_pipeline_stops_promptly_while_its_breaker_is_open() -> anyhow::Result<()> {
+    let q = unique("breaker.stop");
+    // Opens at the first failure, and stays open far longer than the test.
+    let extra = "concurrency = 2\n[pipeline.retry]\nmax_attempts = 10\ninitial_delay_ms = 100\nmax_delay_ms = 100\n\
+        [pipeline.circuit_breaker]\nmin_calls = 1\nopen_ms = 600000\n";
+    let warren = start(config(&pipeline("stop", &q, "trap", extra))?).await?;
+    let client = Client::connect().await?;
+    let m = warren.metrics().pipeline("stop").expect("metrics");
+    for i in 0..5 {
+        client.send(&q, format!("{i}").as_bytes()).await?;
+    }
+    eventually(WAIT, || m.downstream.circuit_gauge() == 1).await?;
+    // Every message is back in the queue: the failed ones as retry copies,
+    // the rest returned unhandled once the consumer was cancelled.
+    let mut depth = 0;
+    let deadline = Instant::now() + WAIT;
+    while depth != 5 {
+        anyhow::ensure!(Instant::now() < deadline, "depth {depth}, not 5");
+        depth = client.depth(&q).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = m.failure_count("trap");
+    assert!((1..=2).contains(&calls), "{calls} calls (concurrency 2)");
+    // The workers wait for a consumer that the breaker would start in ten
+    // minutes; a shutdown must not wait for it (the grace is 5 s).
+    let stopping = Instant::now();
+    tokio::time::timeout(Duration::from_secs(4), warren.shutdown())
+        .await
+        .map_err(|_| anyhow::anyhow!("shutdown hung while the breaker was open"))?;
+    eprintln!("stopped in {:?}", stopping.elapsed());
+    assert_eq!(client.depth(&q).await?, 5, "nothing lost");
+    assert_eq!(m.failure_count("trap"), calls);
+    Ok(())
+}
