@@ -694,6 +694,7 @@ impl Config {
                     )
                 })
             })
+            .chain(self.pipelines.iter().filter_map(crate::downstream::ratelimit::warning))
             .collect()
     }
 

@@ -138,9 +138,17 @@ impl Pipeline {
             log_bytes: config.limits.max_log_bytes(),
         };
         metrics.set_plugin_version(slot.current().version());
+        // A rate-limited pipeline's prefetch holds at most PREFETCH_SPAN of
+        // calls: the rest wait in the queue, not unacked in the window.
+        let prefetch = match config.rate_limit() {
+            Ok(Some(limit)) => config
+                .prefetch
+                .min(limit.prefetch_cap(downstream::ratelimit::PREFETCH_SPAN)),
+            _ => config.prefetch,
+        };
         let budget = Budget::new(
             usize::try_from(config.max_in_flight_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
-            config.prefetch,
+            prefetch,
         );
         // `validate` refused a bad rate_limit; one that fails here anyway is
         // said, not silently dropped.

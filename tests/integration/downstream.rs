@@ -398,6 +398,22 @@ fn check_refuses_limits_and_breakers_that_cannot_be_served() {
             panic!("{extra:?} refused: {e:#}");
         }
     }
+    // Valid, but the delivery waiting for its turn would outlive the
+    // broker's consumer_timeout: a warning.
+    let slow = config(&pipeline("svc", "q", "probe", "rate_limit = \"1/h\""))
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .expect("1/h is valid");
+    let warnings = slow.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("rate_limit \"1/h\" spaces calls 3600 s apart")),
+        "{warnings:?}"
+    );
+    let fine = config(&pipeline("svc", "q", "probe", "rate_limit = \"1/min\""))
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .expect("1/min is valid");
+    assert_eq!(fine.warnings(), Vec::<String>::new());
 }
 
 #[tokio::test]

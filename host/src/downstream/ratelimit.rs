@@ -32,6 +32,15 @@ pub const MAX_RATE_COUNT: u64 = 1_000_000;
 /// How often a cluster-scoped limit reads the queue's consumer count.
 pub const SHARE_REFRESH: Duration = Duration::from_secs(5);
 
+/// A rate-limited pipeline's prefetch holds at most this much work at the
+/// limit: a delivery must not wait in the prefetch window anywhere near the
+/// broker's `consumer_timeout` (30 minutes by default), which would close the
+/// channel and bring every unacked delivery back.
+pub const PREFETCH_SPAN: Duration = Duration::from_secs(600);
+
+/// RabbitMQ's default `consumer_timeout`.
+const CONSUMER_TIMEOUT: Duration = Duration::from_secs(1800);
+
 /// The burst: calls that may start back to back after an idle spell.
 const BURST_SPAN_NS: u64 = 100_000_000;
 
@@ -68,12 +77,39 @@ impl RateLimit {
         Ok(Self { count, per })
     }
 
+    /// The largest prefetch that holds no more than `span` of calls at this
+    /// rate (at least 1).
+    pub fn prefetch_cap(&self, span: Duration) -> u16 {
+        let calls =
+            u128::from(self.count).saturating_mul(span.as_nanos()) / self.per.as_nanos().max(1);
+        u16::try_from(calls).unwrap_or(u16::MAX).max(1)
+    }
+
     /// Nanoseconds between two calls when the limit is shared by `share`
     /// consumers.
     fn interval_ns(&self, share: u32) -> u64 {
         let per = u64::try_from(self.per.as_nanos()).unwrap_or(u64::MAX);
         (per / self.count.max(1)).saturating_mul(u64::from(share.max(1)))
     }
+}
+
+/// `warren check`'s warning for a pipeline whose rate spaces calls so far
+/// apart that the delivery waiting for its turn stays unacked past the
+/// broker's default `consumer_timeout`.
+pub fn warning(p: &crate::config::PipelineConfig) -> Option<String> {
+    let limit = p.rate_limit().ok()??;
+    let interval = Duration::from_nanos(limit.interval_ns(1));
+    (interval >= CONSUMER_TIMEOUT).then(|| {
+        format!(
+            "pipeline {:?}: rate_limit {:?} spaces calls {} s apart, and the delivery waiting for \
+             its turn stays unacked that long, at or past RabbitMQ's default consumer_timeout of \
+             1800 s; the broker would close the channel and redeliver. Use a faster rate or \
+             raise consumer_timeout on the broker",
+            p.name,
+            p.rate_limit.as_deref().unwrap_or_default(),
+            interval.as_secs()
+        )
+    })
 }
 
 /// `rate_limit_scope`.
@@ -255,6 +291,19 @@ mod tests {
         ] {
             assert!(RateLimit::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn the_prefetch_holds_ten_minutes_of_calls_at_most() {
+        let cap = |text: &str| {
+            RateLimit::parse(text)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .prefetch_cap(super::PREFETCH_SPAN)
+        };
+        assert_eq!(cap("100/min"), 1000);
+        assert_eq!(cap("1/min"), 10);
+        assert_eq!(cap("1/h"), 1);
+        assert_eq!(cap("1000000/s"), u16::MAX);
     }
 
     #[test]
