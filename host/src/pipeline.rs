@@ -335,7 +335,6 @@ impl Pipeline {
             runtime: Handle::current(),
             abandon: AtomicBool::new(false),
             paused: AtomicBool::new(false),
-            consumer_changed: Notify::new(),
             switching: tokio::sync::Mutex::new(()),
             held: Mutex::new(Vec::new()),
         });
@@ -394,8 +393,7 @@ impl Pipeline {
             h.abort();
         }
         // Workers waiting for the consumer of a paused (breaker-open)
-        // pipeline exit; its consumer is already cancelled.
-        work.consumer_changed.notify_waiters();
+        // pipeline see `stopping` and exit; its consumer is already cancelled.
         let tag = work.current_tag();
         if !work.paused.load(Ordering::SeqCst) {
             let _ = tokio::time::timeout(
@@ -650,8 +648,6 @@ struct Work {
     /// The consumer was cancelled on purpose with none to follow (the
     /// breaker is open): workers wait for the next one instead of ending.
     paused: AtomicBool,
-    /// Notified when a consumer is ready after a pause, or the session stops.
-    consumer_changed: Notify,
     /// Held while the consumer is being changed (prefetch, pause, resume),
     /// so that changes for the budget and the breaker never interleave.
     switching: tokio::sync::Mutex<()>,
@@ -664,6 +660,9 @@ struct Work {
 /// Longest sleep of a worker waiting for a rate-limit token or a consumer,
 /// between looks at whether the session stops.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// How often a worker of a paused pipeline looks for the next consumer.
+const PAUSED_POLL: Duration = Duration::from_millis(10);
 
 /// What the leader may do with the delivery it just took.
 enum Pace {
@@ -698,7 +697,7 @@ impl Work {
                 }
                 let next = loop {
                     let next = self.runtime.block_on(consumer.next());
-                    if !matches!(next, Some(Ok(_))) {
+                    if !matches!(next, Some(Ok(_))) && self.may_release_held(&next) {
                         // This consumer ended (or failed): what the breaker
                         // held back from it goes back to the queue now, when
                         // it can no longer be handed to it again.
@@ -878,9 +877,10 @@ impl Work {
                 );
                 return None;
             }
-            self.runtime.block_on(async {
-                let _ = tokio::time::timeout(WAIT_SLICE, self.consumer_changed.notified()).await;
-            });
+            // A plain sleep, not the runtime's timer: a worker must not
+            // depend on the runtime still running (it may be shutting down
+            // under a worker that waits here).
+            std::thread::sleep(PAUSED_POLL);
         }
     }
 
@@ -994,7 +994,6 @@ impl Work {
         self.prefetch.store(want, Ordering::Relaxed);
         p.metrics.prefetch.store(u64::from(want), Ordering::Relaxed);
         self.paused.store(false, Ordering::SeqCst);
-        self.consumer_changed.notify_waiters();
         if self.stopping.load(Ordering::SeqCst) {
             let _ = self
                 .channel
@@ -1008,6 +1007,24 @@ impl Work {
                 .context("cancelling the consumer with the old prefetch")?;
         }
         Ok(())
+    }
+
+    /// Whether the deliveries held back may go back to the queue now that
+    /// the consumer `next` came from has ended. Not while a replacement is
+    /// waiting and the breaker is not closed: a consumer started for another
+    /// prefetch just as the breaker opened would be handed them straight
+    /// back; they go when that one is cancelled too (the pause), or once the
+    /// breaker has closed.
+    fn may_release_held(&self, next: &Option<Result<Delivery, lapin::Error>>) -> bool {
+        matches!(next, Some(Err(_)))
+            || self.paused.load(Ordering::SeqCst)
+            || self.stopping.load(Ordering::SeqCst)
+            || lock(&self.next_consumer).is_none()
+            || self
+                .pipeline
+                .breaker
+                .as_ref()
+                .is_none_or(|b| b.phase() == Phase::Closed)
     }
 
     /// Requeue the deliveries held back from the consumer that just ended.
@@ -1147,6 +1164,23 @@ impl Work {
                 CallVerdict::Fine => ticket.finish(None),
                 // Dropped: the call says nothing about the downstream service.
                 CallVerdict::Silent => drop(ticket),
+            }
+        }
+        if let Some((pause_ms, reason)) = invocation.reported_outage() {
+            match &p.breaker {
+                Some(b) => b.trip(
+                    Duration::from_millis(u64::from(pause_ms)),
+                    &reason,
+                    Instant::now(),
+                ),
+                None => message_event!(
+                    Level::WARN,
+                    p,
+                    about,
+                    pause_ms,
+                    reason = %Escaped(&reason),
+                    "the plugin reported its downstream service down, but the pipeline has no [pipeline.circuit_breaker]; ignored"
+                ),
             }
         }
         let result = self.check_outputs(invocation.result);

@@ -315,6 +315,28 @@ impl Breaker {
         }
     }
 
+    /// The plugin reported its service down (`host.report-outage`): open now
+    /// for `pause` (at least 1 ms, at most `max_open_ms`), whatever the
+    /// ratio. An open breaker is kept open until the later of the two ends.
+    pub fn trip(&self, pause: Duration, reason: &str, now: Instant) {
+        let pause = pause
+            .max(Duration::from_millis(1))
+            .min(Duration::from_millis(self.config.max_open_ms));
+        let mut s = self.lock();
+        if let Phase::Open { until } = s.phase
+            && until >= now + pause
+        {
+            return;
+        }
+        tracing::warn!(
+            pipeline = %self.pipeline,
+            pause_ms = pause.as_millis() as u64,
+            reason = %Escaped(reason),
+            "circuit breaker opened: the plugin reported its downstream service down; consumption paused"
+        );
+        self.open(&mut s, pause, now);
+    }
+
     /// `result`: `None` when the call says nothing (not made, or not the
     /// downstream's fault), `Some(None)` success, `Some(Some(reason))` failure.
     fn record(&self, generation: u64, probe: bool, result: Option<Option<&str>>, now: Instant) {
@@ -539,6 +561,29 @@ mod tests {
         // 1 s first; then 2, 3 (capped), 3 — to 100 ms.
         assert_eq!(pauses, [20, 30, 30, 30]);
         assert_eq!(b.metrics.downstream.opened_count(), 5);
+    }
+
+    #[test]
+    fn a_reported_outage_opens_at_once_for_the_pause_asked() {
+        let b = breaker(config(0.5, 20));
+        let now = Instant::now();
+        b.trip(Duration::from_millis(1_500), "provider down", now);
+        assert_eq!(
+            b.phase(),
+            Phase::Open {
+                until: now + Duration::from_millis(1_500)
+            }
+        );
+        // A shorter report does not shorten it; a pause over max_open_ms is cut.
+        b.trip(Duration::from_millis(10), "again", now);
+        b.trip(Duration::from_secs(3_600), "long", now);
+        assert_eq!(
+            b.phase(),
+            Phase::Open {
+                until: now + Duration::from_millis(3_000)
+            }
+        );
+        assert_eq!(b.metrics.downstream.opened_count(), 2);
     }
 
     #[test]
