@@ -460,6 +460,15 @@ pub struct PipelineConfig {
     /// Free-form settings the plugin reads with `host.config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Plugin calls per second, minute or hour (`"50/s"`); see `downstream`.
+    #[serde(default)]
+    pub rate_limit: Option<String>,
+    /// Whether `rate_limit` is this process's or shared by the queue's consumers.
+    #[serde(default)]
+    pub rate_limit_scope: crate::downstream::RateScope,
+    /// Pause consuming while the plugin's downstream service fails.
+    #[serde(default)]
+    pub circuit_breaker: Option<crate::downstream::BreakerConfig>,
 }
 
 impl PipelineConfig {
@@ -711,6 +720,7 @@ impl Config {
                     )
                 })
             })
+            .chain(self.pipelines.iter().filter_map(crate::downstream::ratelimit::warning))
             .collect()
     }
 
@@ -871,6 +881,7 @@ impl PipelineConfig {
         }
         self.retry.validate()?;
         self.limits.validate()?;
+        self.validate_downstream()?;
         // Derived names (`<queue>.retry.<ms>`, consumer tags) must fit AMQP's
         // 255-byte short strings too. The delays are bounded by now, so this
         // cannot overflow.
@@ -902,6 +913,27 @@ impl PipelineConfig {
                 );
             }
             short_string("output exchange", &o.exchange)?;
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// The parsed `rate_limit`, if any (`validate` has refused a bad one).
+    pub fn rate_limit(&self) -> Result<Option<crate::downstream::RateLimit>> {
+        self.rate_limit
+            .as_deref()
+            .map(crate::downstream::RateLimit::parse)
+            .transpose()
+    }
+
+    fn validate_downstream(&self) -> Result<()> {
+        let limit = self.rate_limit()?;
+        if limit.is_none() && self.rate_limit_scope == crate::downstream::RateScope::Cluster {
+            bail!("rate_limit_scope = \"cluster\" needs a rate_limit");
+        }
+        if let Some(b) = &self.circuit_breaker {
+            b.validate()?;
         }
         Ok(())
     }

@@ -44,6 +44,7 @@ pub mod budget;
 pub mod config;
 pub mod disposition;
 pub mod dlq;
+pub mod downstream;
 pub mod envelope;
 pub mod logtext;
 pub mod ops;

@@ -43,6 +43,7 @@ use crate::broker::{self, KnownExchanges, Publisher, SettleGuard, Settler};
 use crate::budget::Budget;
 use crate::config::{BrokerConfig, PipelineConfig};
 use crate::disposition::{self, Circumstances, PipelineInfo, Plan, PluginStamp, Publication};
+use crate::downstream::{self, Admission, Breaker, Limiter, Phase, RateScope, Ticket};
 use crate::envelope::Envelope;
 use crate::logtext::Escaped;
 use crate::ops::PipelineMetrics;
@@ -111,6 +112,10 @@ pub struct Pipeline {
     ledger: Ledger,
     /// The bytes held in deliveries, bounded through the prefetch.
     budget: Budget,
+    /// `rate_limit`: tokens the consumer's leader waits for.
+    limiter: Option<Arc<Limiter>>,
+    /// `circuit_breaker`: lives across sessions, like the ledger.
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl Pipeline {
@@ -133,10 +138,31 @@ impl Pipeline {
             log_bytes: config.limits.max_log_bytes(),
         };
         metrics.set_plugin_version(slot.current().version());
+        // A rate-limited pipeline's prefetch holds at most PREFETCH_SPAN of
+        // calls: the rest wait in the queue, not unacked in the window.
+        let prefetch = match config.rate_limit() {
+            Ok(Some(limit)) => config
+                .prefetch
+                .min(limit.prefetch_cap(downstream::ratelimit::PREFETCH_SPAN)),
+            _ => config.prefetch,
+        };
         let budget = Budget::new(
             usize::try_from(config.max_in_flight_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
-            config.prefetch,
+            prefetch,
         );
+        // `validate` refused a bad rate_limit; one that fails here anyway is
+        // said, not silently dropped.
+        let limiter = match config.rate_limit() {
+            Ok(limit) => limit.map(|l| Arc::new(Limiter::new(l, config.rate_limit_scope))),
+            Err(e) => {
+                tracing::error!(pipeline = %info.name, error = %format!("{e:#}"), "rate_limit ignored");
+                None
+            }
+        };
+        let breaker = config
+            .circuit_breaker
+            .clone()
+            .map(|c| Arc::new(Breaker::new(c, info.name.clone(), metrics.clone())));
         Self {
             plugin_config: Arc::new(config.config.clone()),
             config,
@@ -147,6 +173,8 @@ impl Pipeline {
             requeue_streak: AtomicU32::new(0),
             ledger: Ledger::default(),
             budget,
+            limiter,
+            breaker,
         }
     }
 
@@ -260,7 +288,13 @@ impl Pipeline {
             .create_channel()
             .await
             .context("opening the consume channel")?;
-        let prefetch = self.budget.prefetch();
+        // A breaker still open or half-open from the last session starts at
+        // prefetch 1: an open one cancels the consumer at once, returning
+        // what it received, so as little as possible is sent back.
+        let prefetch = match self.breaker.as_ref().map(|b| b.phase()) {
+            None | Some(Phase::Closed) => self.budget.prefetch(),
+            Some(_) => 1,
+        };
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -303,9 +337,29 @@ impl Pipeline {
             finished: AtomicBool::new(false),
             runtime: Handle::current(),
             abandon: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            switching: tokio::sync::Mutex::new(()),
+            held: Mutex::new(Vec::new()),
         });
         // Workers already started stop when the connection goes.
         work.start_workers(self.config.concurrency, &settler)?;
+        // The session's helpers for the rate limit and the breaker; they end
+        // with it.
+        let mut helpers = Vec::new();
+        if let Some(b) = &self.breaker {
+            helpers.push(tokio::spawn(work.clone().follow_breaker(b.clone())));
+        }
+        if let Some(l) = &self.limiter
+            && l.scope() == RateScope::Cluster
+        {
+            helpers.push(tokio::spawn(downstream::ratelimit::follow_consumers(
+                conn.clone(),
+                self.config.queue.clone(),
+                l.clone(),
+                self.info.name.clone(),
+                self.metrics.clone(),
+            )));
+        }
         self.metrics.connected.store(true, Ordering::Relaxed);
         self.metrics.set_broker_error(None);
         *consuming_since = Some(Instant::now());
@@ -338,12 +392,19 @@ impl Pipeline {
         // its end; the settler stops once every delivery has reported.
         self.metrics.connected.store(false, Ordering::Relaxed);
         work.stopping.store(true, Ordering::SeqCst);
+        for h in &helpers {
+            h.abort();
+        }
+        // Workers waiting for the consumer of a paused (breaker-open)
+        // pipeline see `stopping` and exit; its consumer is already cancelled.
         let tag = work.current_tag();
-        let _ = tokio::time::timeout(
-            CLOSE_TIMEOUT,
-            channel.basic_cancel(tag, BasicCancelOptions::default()),
-        )
-        .await;
+        if !work.paused.load(Ordering::SeqCst) {
+            let _ = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                channel.basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
+        }
         drop(settler);
         if tokio::time::timeout(grace, &mut settling).await.is_err() {
             tracing::warn!(pipeline = %name, left = self.metrics.in_flight.load(Ordering::Relaxed), "shutdown grace ran out; unsettled messages go back to the queue");
@@ -503,6 +564,28 @@ struct Job {
     key: u64,
     settle: SettleGuard,
     in_flight: InFlight,
+    /// The breaker's admission, reported with the call's result.
+    ticket: Option<Ticket>,
+}
+
+/// What a call says about the plugin's downstream service (the breaker's
+/// input).
+enum CallVerdict {
+    /// A `retry` outcome, a trap, a timeout, a memory-limit hit.
+    Failed(String),
+    /// Any other outcome, a dead-letter included: bad input is not an outage.
+    Fine,
+    /// The instance could not be created: warren's trouble, not the service's.
+    Silent,
+}
+
+fn downstream_failure(result: &Result<Outcome, PluginFailure>) -> CallVerdict {
+    match result {
+        Ok(Outcome::Retry(r)) => CallVerdict::Failed(format!("retry: {}", r.reason)),
+        Ok(_) => CallVerdict::Fine,
+        Err(PluginFailure::Instantiate(_)) => CallVerdict::Silent,
+        Err(f) => CallVerdict::Failed(f.to_string()),
+    }
 }
 
 /// Counts a delivery in `warren_in_flight` from when a worker takes it until it
@@ -565,6 +648,32 @@ struct Work {
     /// Set when the shutdown grace ran out: deliveries still held by the
     /// consumer are requeued instead of handled.
     abandon: AtomicBool,
+    /// The consumer was cancelled on purpose with none to follow (the
+    /// breaker is open): workers wait for the next one instead of ending.
+    paused: AtomicBool,
+    /// Held while the consumer is being changed (prefetch, pause, resume),
+    /// so that changes for the budget and the breaker never interleave.
+    switching: tokio::sync::Mutex<()>,
+    /// Deliveries taken but not to be handled (the breaker is open, or the
+    /// session stops during a rate-limit wait), requeued when the consumer
+    /// they came from has ended. At most a prefetch window.
+    held: Mutex<Vec<SettleGuard>>,
+}
+
+/// Longest sleep of a worker waiting for a rate-limit token or a consumer,
+/// between looks at whether the session stops.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// How often a worker of a paused pipeline looks for the next consumer.
+const PAUSED_POLL: Duration = Duration::from_millis(10);
+
+/// What the leader may do with the delivery it just took.
+enum Pace {
+    /// Its rate-limit token is taken (or there is no limit).
+    Go,
+    /// The session stops, or the breaker opened, while it waited for a
+    /// token: it goes back to the queue unhandled.
+    Return,
 }
 
 impl Work {
@@ -584,18 +693,32 @@ impl Work {
 
     fn run_worker(self: &Arc<Self>, settler: &Settler) {
         loop {
-            let next = {
+            let (next, pace) = {
                 let mut consumer = lock(&self.consumer);
                 if self.finished.load(Ordering::Relaxed) {
                     return;
                 }
-                loop {
+                let next = loop {
                     let next = self.runtime.block_on(consumer.next());
+                    if !matches!(next, Some(Ok(_))) && self.may_release_held(&next) {
+                        // This consumer ended (or failed): what the breaker
+                        // held back from it goes back to the queue now, when
+                        // it can no longer be handed to it again.
+                        self.release_held();
+                    }
                     if next.is_none()
                         && let Some(replacement) = self.take_next_consumer()
                     {
                         // The old consumer was cancelled for one with another
                         // prefetch, and has handed out all it held.
+                        *consumer = replacement;
+                        continue;
+                    }
+                    if next.is_none()
+                        && let Some(replacement) = self.wait_while_paused()
+                    {
+                        // The breaker cancelled the consumer and has now
+                        // started the next one (half-open or closed).
                         *consumer = replacement;
                         continue;
                     }
@@ -607,7 +730,14 @@ impl Work {
                         self.finished.store(true, Ordering::Relaxed);
                     }
                     break next;
-                }
+                };
+                // The rate-limit token is waited for while holding the
+                // consumer: no other worker takes a delivery meanwhile.
+                let pace = match &next {
+                    Some(Ok(_)) => self.pace(),
+                    _ => Pace::Go,
+                };
+                (next, pace)
             };
             let delivery = match next {
                 Some(Ok(d)) => d,
@@ -621,15 +751,39 @@ impl Work {
             if let Some(want) = (self.pipeline.budget)
                 .observe(delivery.data.len(), self.prefetch.load(Ordering::Relaxed))
                 && !self.stopping.load(Ordering::Relaxed)
+                && !self.paused.load(Ordering::Relaxed)
                 && !self.resizing.swap(true, Ordering::Relaxed)
             {
                 self.runtime.spawn(self.clone().resize(want));
             }
+            let admission = match (pace, &self.pipeline.breaker) {
+                (Pace::Return, _) => None,
+                (Pace::Go, None) => Some(None),
+                (Pace::Go, Some(b)) => match b.admit() {
+                    Admission::Call(ticket) => Some(Some(ticket)),
+                    Admission::Hold => {
+                        self.pipeline.metrics.downstream.returned();
+                        None
+                    }
+                },
+            };
+            let Some(ticket) = admission else {
+                // Not started, so nothing of it happened: it goes back to the
+                // queue as it came, its attempt counter untouched, once the
+                // consumer is cancelled. Requeued now, the broker could hand
+                // it straight back to this consumer, again and again, each
+                // time counting against a quorum queue's delivery_limit.
+                // A deliberate requeue, not a poison suspect.
+                self.suspects.settled(delivery.delivery_tag);
+                lock(&self.held).push(settler.guard(delivery.delivery_tag));
+                continue;
+            };
             let job = Job {
                 settle: settler.guard(delivery.delivery_tag),
                 in_flight: InFlight::new(&self.pipeline.metrics),
                 key,
                 delivery,
+                ticket,
             };
             if self.abandon.load(Ordering::Relaxed) {
                 // Dropping the guard requeues the delivery.
@@ -649,6 +803,17 @@ impl Work {
     /// its end (what it already received is handled), then the new one.
     async fn resize(self: Arc<Self>, want: u16) {
         let p = &self.pipeline;
+        let _switching = self.switching.lock().await;
+        // The breaker's prefetch (and pause) win over the budget's: it sets
+        // the budget's prefetch itself when it closes.
+        if self.paused.load(Ordering::SeqCst)
+            || p.breaker
+                .as_ref()
+                .is_some_and(|b| b.phase() != Phase::Closed)
+        {
+            self.resizing.store(false, Ordering::Relaxed);
+            return;
+        }
         let moved = async {
             self.channel
                 .basic_qos(want, BasicQosOptions::default())
@@ -693,6 +858,186 @@ impl Work {
         self.resizing.store(false, Ordering::Relaxed);
     }
 
+    /// The consumer ended while the breaker has it paused: wait for the one
+    /// that follows (`None` if the session stops, or the consumer was not
+    /// ended on purpose).
+    fn wait_while_paused(&self) -> Option<Consumer> {
+        loop {
+            if let Some(c) = self.take_next_consumer() {
+                return Some(c);
+            }
+            if !self.paused.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst) {
+                // The next consumer is stored before the pause is lifted:
+                // one that came just now is seen here.
+                return self.take_next_consumer();
+            }
+            // Without a consumer, nothing else tells the workers that the
+            // session died: they look at the channel themselves.
+            if !self.channel.status().connected() || !self.conn.status().connected() {
+                self.end(
+                    "the consume channel closed while the circuit breaker had the consumer paused"
+                        .into(),
+                );
+                return None;
+            }
+            // A plain sleep, not the runtime's timer: a worker must not
+            // depend on the runtime still running (it may be shutting down
+            // under a worker that waits here).
+            std::thread::sleep(PAUSED_POLL);
+        }
+    }
+
+    /// Wait for the pipeline's rate-limit token, if it has a limit. Called by
+    /// the worker holding the consumer, so that the deliveries behind stay in
+    /// the prefetch window meanwhile.
+    fn pace(&self) -> Pace {
+        let p = &self.pipeline;
+        let Some(limiter) = &p.limiter else {
+            return Pace::Go;
+        };
+        let mut since: Option<Instant> = None;
+        loop {
+            match limiter.try_take() {
+                Ok(()) => break,
+                Err(wait) => {
+                    let started = *since.get_or_insert_with(Instant::now);
+                    let open = p
+                        .breaker
+                        .as_ref()
+                        .is_some_and(|b| matches!(b.phase(), Phase::Open { .. }));
+                    if open || self.stopping.load(Ordering::Relaxed) {
+                        p.metrics.downstream.rate_limited(started.elapsed());
+                        return Pace::Return;
+                    }
+                    std::thread::sleep(wait.min(WAIT_SLICE));
+                }
+            }
+        }
+        if let Some(started) = since {
+            p.metrics.downstream.rate_limited(started.elapsed());
+        }
+        Pace::Go
+    }
+
+    /// Keep the consumer where the breaker's phase wants it, for the whole
+    /// session: none while open (and go half-open when the pause is over),
+    /// prefetch 1 while half-open, the budget's prefetch when closed.
+    async fn follow_breaker(self: Arc<Self>, breaker: Arc<Breaker>) {
+        let p = &self.pipeline;
+        let mut phases = breaker.subscribe();
+        loop {
+            let phase = *phases.borrow_and_update();
+            let target = match phase {
+                Phase::Closed => Some(p.budget.prefetch()),
+                Phase::HalfOpen => Some(1),
+                Phase::Open { .. } => None,
+            };
+            if let Err(e) = self.steer(target).await {
+                tracing::warn!(pipeline = %p.info.name, phase = phase.label(), error = %format!("{e:#}"), "could not change the consumer for the circuit breaker");
+            }
+            match phase {
+                Phase::Open { until } => tokio::select! {
+                    _ = tokio::time::sleep_until(until.into()) => breaker.pause_over(Instant::now()),
+                    changed = phases.changed() => if changed.is_err() { return },
+                },
+                _ => {
+                    if phases.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `None`: cancel the consumer and start none (workers wait, what it
+    /// had received goes back to the queue unhandled). `Some(n)`: consume
+    /// with prefetch `n`, replacing the current consumer (the same move as
+    /// `resize`) or ending a pause.
+    async fn steer(self: &Arc<Self>, target: Option<u16>) -> Result<()> {
+        let p = &self.pipeline;
+        let _switching = self.switching.lock().await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let paused = self.paused.load(Ordering::SeqCst);
+        let Some(want) = target else {
+            if paused {
+                return Ok(());
+            }
+            // Marked before the cancel: the workers must see the end of the
+            // consumer as a pause, not as the broker cancelling it.
+            self.paused.store(true, Ordering::SeqCst);
+            self.channel
+                .basic_cancel(self.current_tag(), BasicCancelOptions::default())
+                .await
+                .context("cancelling the consumer")?;
+            return Ok(());
+        };
+        if !paused && self.prefetch.load(Ordering::Relaxed) == want {
+            return Ok(());
+        }
+        self.channel
+            .basic_qos(want, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch")?;
+        let n = RESIZES.fetch_add(1, Ordering::Relaxed);
+        let tag: ShortString = format!("warren-{}-{}-{n}", p.info.name, std::process::id()).into();
+        let consumer = self
+            .channel
+            .basic_consume(
+                self.queue.clone(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("consuming with the breaker's prefetch")?;
+        *lock(&self.next_consumer) = Some(consumer);
+        let old = std::mem::replace(&mut *lock(&self.consumer_tag), tag.clone());
+        self.prefetch.store(want, Ordering::Relaxed);
+        p.metrics.prefetch.store(u64::from(want), Ordering::Relaxed);
+        self.paused.store(false, Ordering::SeqCst);
+        if self.stopping.load(Ordering::SeqCst) {
+            let _ = self
+                .channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await;
+        }
+        if !paused {
+            self.channel
+                .basic_cancel(old, BasicCancelOptions::default())
+                .await
+                .context("cancelling the consumer with the old prefetch")?;
+        }
+        Ok(())
+    }
+
+    /// Whether the deliveries held back may go back to the queue now that
+    /// the consumer `next` came from has ended. Not while a replacement is
+    /// waiting and the breaker is not closed: a consumer started for another
+    /// prefetch just as the breaker opened would be handed them straight
+    /// back; they go when that one is cancelled too (the pause), or once the
+    /// breaker has closed.
+    fn may_release_held(&self, next: &Option<Result<Delivery, lapin::Error>>) -> bool {
+        matches!(next, Some(Err(_)))
+            || self.paused.load(Ordering::SeqCst)
+            || self.stopping.load(Ordering::SeqCst)
+            || lock(&self.next_consumer).is_none()
+            || self
+                .pipeline
+                .breaker
+                .as_ref()
+                .is_none_or(|b| b.phase() == Phase::Closed)
+    }
+
+    /// Requeue the deliveries held back from the consumer that just ended.
+    fn release_held(&self) {
+        let held = std::mem::take(&mut *lock(&self.held));
+        for guard in held {
+            guard.requeue();
+        }
+    }
+
     fn take_next_consumer(&self) -> Option<Consumer> {
         lock(&self.next_consumer).take()
     }
@@ -730,6 +1075,7 @@ impl Work {
             key,
             settle,
             in_flight,
+            ticket,
         } = job;
         let tag = delivery.delivery_tag;
         let redelivered = delivery.redelivered;
@@ -823,6 +1169,31 @@ impl Work {
         if let Err(failure) = &invocation.result {
             p.metrics.failure(failure.kind());
             message_event!(Level::WARN, p, about, failure = %Escaped(&failure.to_string()), "plugin call failed");
+        }
+        if let Some(ticket) = ticket {
+            match downstream_failure(&invocation.result) {
+                CallVerdict::Failed(reason) => ticket.finish(Some(&reason)),
+                CallVerdict::Fine => ticket.finish(None),
+                // Dropped: the call says nothing about the downstream service.
+                CallVerdict::Silent => drop(ticket),
+            }
+        }
+        if let Some((pause_ms, reason)) = invocation.reported_outage() {
+            match &p.breaker {
+                Some(b) => b.trip(
+                    Duration::from_millis(u64::from(pause_ms)),
+                    &reason,
+                    Instant::now(),
+                ),
+                None => message_event!(
+                    Level::WARN,
+                    p,
+                    about,
+                    pause_ms,
+                    reason = %Escaped(&reason),
+                    "the plugin reported its downstream service down, but the pipeline has no [pipeline.circuit_breaker]; ignored"
+                ),
+            }
         }
         let result = self.check_outputs(invocation.result);
         let plan = disposition::decide(&p.info, stamp, &env, message.body, result, at);

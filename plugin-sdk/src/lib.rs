@@ -337,6 +337,16 @@ pub fn config(key: &str) -> Option<String> {
     bindings::warren::plugin::host::config(key)
 }
 
+/// Report that the service this plugin calls is down: warren pauses the
+/// pipeline for `pause` (its circuit breaker opens at once, then probes as
+/// usual), if the pipeline has a `[pipeline.circuit_breaker]`. The message's
+/// own outcome is still what `handle` returns: usually [`Outcome::retry`].
+/// Needs warren with contract 0.1.1 or later.
+pub fn report_outage(pause: Duration, reason: &str) {
+    let ms = u32::try_from(pause.as_millis()).unwrap_or(u32::MAX);
+    bindings::warren::plugin::host::report_outage(ms, reason);
+}
+
 /// The value of `key`, or `default` if unset.
 pub fn config_or(key: &str, default: &str) -> String {
     config(key).unwrap_or_else(|| default.to_owned())

@@ -10,6 +10,7 @@ mod cluster;
 mod config_errors;
 mod conservation;
 mod dlq;
+mod downstream;
 mod examples;
 mod failures;
 mod hostile;

@@ -115,6 +115,8 @@ pub struct PipelineMetrics {
     crashed: RwLock<Option<String>>,
     /// The broker node of the current connection (URL without password).
     node: RwLock<Option<String>>,
+    /// Rate limit and circuit breaker.
+    pub downstream: super::DownstreamMetrics,
 }
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
@@ -339,10 +341,19 @@ impl Metrics {
                     "last_effect_error": p.last_effect_error(),
                     "blocked": p.blocked.read().ok().and_then(|g| g.clone()),
                     "crashed": p.crashed(),
+                    "circuit": p.downstream.readiness_json(),
                 })
             })
             .collect();
-        serde_json::json!({ "ready": self.ready(), "pipelines": pipelines })
+        // An open breaker is "degraded": the process is fine and must not be
+        // restarted, so it does not make the endpoint answer "not ready".
+        let degraded = self.pipelines.iter().any(|p| p.downstream.degraded());
+        let status = match (self.ready(), degraded) {
+            (false, _) => "not_ready",
+            (true, true) => "degraded",
+            (true, false) => "ready",
+        };
+        serde_json::json!({ "ready": self.ready(), "status": status, "pipelines": pipelines })
     }
 
     /// The Prometheus text exposition format ([`CONTENT_TYPE`]).
@@ -364,6 +375,7 @@ struct Scrape(Vec<Arc<PipelineMetrics>>);
 /// A sample's value.
 enum Value<'a> {
     Counter(u64),
+    Seconds(f64),
     Gauge(i64),
     Histogram(&'a Histogram),
 }
@@ -389,6 +401,7 @@ impl Scrape {
                 let m = family.encode_family(&labels)?;
                 match value {
                     Value::Counter(v) => ConstCounter::new(v).encode(m)?,
+                    Value::Seconds(v) => ConstCounter::new(v).encode(m)?,
                     Value::Gauge(v) => ConstGauge::new(v).encode(m)?,
                     Value::Histogram(h) => h.encode(m)?,
                 }
@@ -567,6 +580,49 @@ impl Collector for Scrape {
             "Missing queues of the pipeline declared again after a copy could not reach them.",
             Counter,
             |p| one(count(&p.topology_repairs)),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_rate_limited_seconds",
+            "Time the pipeline waited for a rate_limit token before taking a delivery.",
+            Counter,
+            |p| one(Value::Seconds(p.downstream.rate_limited_seconds())),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_rate_limit_consumers",
+            "Consumers of the queue a cluster-scoped rate_limit is divided by (0: not shared).",
+            Gauge,
+            |p| {
+                one(Value::Gauge(
+                    i64::try_from(p.downstream.rate_share()).unwrap_or(i64::MAX),
+                ))
+            },
+        )?;
+        self.family(
+            &mut enc,
+            "warren_circuit_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            Gauge,
+            |p| {
+                one(Value::Gauge(
+                    i64::try_from(p.downstream.circuit_gauge()).unwrap_or(i64::MAX),
+                ))
+            },
+        )?;
+        self.family(
+            &mut enc,
+            "warren_circuit_opened",
+            "Times the circuit breaker opened (a failed half-open probe included).",
+            Counter,
+            |p| one(Value::Counter(p.downstream.opened_count())),
+        )?;
+        self.family(
+            &mut enc,
+            "warren_circuit_returned",
+            "Prefetched deliveries returned to the queue unhandled because the breaker was open.",
+            Counter,
+            |p| one(Value::Counter(p.downstream.returned_count())),
         )?;
         self.family(
             &mut enc,

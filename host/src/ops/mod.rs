@@ -1,8 +1,10 @@
 //! Operations: metrics kept by every pipeline and the HTTP endpoint that
 //! exposes them with liveness and readiness.
 
+mod downstream;
 mod http;
 mod metrics;
 
+pub use downstream::DownstreamMetrics;
 pub use http::serve;
 pub use metrics::{FailureKind, Metrics, PipelineMetrics};

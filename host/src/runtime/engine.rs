@@ -115,7 +115,7 @@ impl Runtime {
             .context("the component imports something warren does not provide")?;
         PluginPre::new(pre)
             .map_err(anyhow::Error::from)
-            .context("the component does not export warren:plugin/handler@0.1.0")
+            .context("the component does not export warren:plugin/handler@0.1.x")
     }
 }
 

@@ -130,6 +130,11 @@ impl Invocation {
     pub fn log_dropped(&self) -> u64 {
         self._store.data().log_dropped()
     }
+
+    /// The pause the plugin asked for with `host.report-outage`, and why.
+    pub fn reported_outage(&self) -> Option<(u32, String)> {
+        self._store.data().reported_outage()
+    }
 }
 
 impl fmt::Debug for Invocation {

@@ -35,6 +35,8 @@ pub(crate) struct HostState {
     log_lines_left: u32,
     log_bytes_left: usize,
     log_dropped: u64,
+    /// `host.report-outage`: the last pause the plugin asked for, and why.
+    outage: Option<(u32, String)>,
 }
 
 struct Wasi {
@@ -79,10 +81,15 @@ impl HostState {
             log_lines_left: limits.log_lines,
             log_bytes_left: limits.log_bytes,
             log_dropped: 0,
+            outage: None,
         }
     }
 
     /// `host.log` lines dropped over the budget so far.
+    pub(crate) fn reported_outage(&self) -> Option<(u32, String)> {
+        self.outage.clone()
+    }
+
     pub(crate) fn log_dropped(&self) -> u64 {
         self.log_dropped
     }
@@ -164,6 +171,19 @@ impl warren::plugin::host::Host for HostState {
 
     fn config(&mut self, key: String) -> Option<String> {
         self.config.get(&key).cloned()
+    }
+
+    fn report_outage(&mut self, pause_ms: u32, reason: String) {
+        // Kept short: it ends up in a log line and the readiness detail.
+        let mut reason = reason;
+        if reason.len() > 500 {
+            let mut cut = 500;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        self.outage = Some((pause_ms, reason));
     }
 }
 

@@ -17,7 +17,7 @@
 // caller with what was sent. A header `x-fault: trap` throws, to show that an
 // uncaught exception fails only its own message.
 
-import { log, config } from 'warren:plugin/host@0.1.0';
+import { log, config } from 'warren:plugin/host@0.1.1';
 
 const SEVERITIES = ['debug', 'info', 'warning', 'error', 'critical'];
 const JSON_TYPE = 'application/json';

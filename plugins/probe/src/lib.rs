@@ -25,6 +25,7 @@
 //! | `fail-until <n>` | retry `attempt <k>` while attempt k < n, then ack |
 //! | `print <text>` | print to stdout and stderr, then ack |
 //! | `sleep <ms>` | keep busy for that long, then ack |
+//! | `outage <ms> <reason>` | `host.report-outage(ms, reason)`, then retry with the reason |
 //!
 //! Anything else is dead-lettered with `unknown probe command: ...`; bad arguments
 //! with `probe: ...`.
@@ -126,6 +127,12 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
             } else {
                 Outcome::ack()
             }
+        }
+        "outage" => {
+            let (ms, reason) = args.split_once(' ').unwrap_or((args, "down"));
+            let ms: u64 = number(ms)?;
+            warren_plugin_sdk::report_outage(Duration::from_millis(ms), reason);
+            Outcome::retry(reason)
         }
         "sleep" => {
             // Busy-wait on the WASI clock: a handler doing real work, for drain tests.
