@@ -392,6 +392,9 @@ pub struct PipelineConfig {
     /// Free-form settings the plugin reads with `host.config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Outbound HTTP granted to the plugin; none without this table.
+    #[serde(default)]
+    pub http: Option<crate::outbound::HttpConfig>,
 }
 
 impl PipelineConfig {
@@ -637,6 +640,9 @@ impl Config {
         };
         for p in &mut config.pipelines {
             resolve(&mut p.plugin);
+            if let Some(ca) = p.http.as_mut().and_then(|h| h.ca_file.as_mut()) {
+                resolve(ca);
+            }
         }
         let b = &mut config.broker;
         [
@@ -838,6 +844,9 @@ impl PipelineConfig {
         }
         self.retry.validate()?;
         self.limits.validate()?;
+        if let Some(http) = &self.http {
+            http.validate()?;
+        }
         // Derived names (`<queue>.retry.<ms>`, consumer tags) must fit AMQP's
         // 255-byte short strings too. The delays are bounded by now, so this
         // cannot overflow.

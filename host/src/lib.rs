@@ -16,6 +16,7 @@ pub mod dlq;
 pub mod envelope;
 pub mod logtext;
 pub mod ops;
+pub mod outbound;
 pub mod pipeline;
 pub mod plugins;
 pub mod retry;

@@ -104,6 +104,8 @@ pub struct Pipeline {
     pub metrics: Arc<PipelineMetrics>,
     plugin_config: Arc<BTreeMap<String, String>>,
     limits: InvokeLimits,
+    /// Outbound HTTP granted by `[pipeline.http]`; `None` denies every request.
+    http: Option<Arc<crate::outbound::HttpPolicy>>,
     /// Deliveries requeued in a row because their effects were refused; sets
     /// the back-off before the next requeue, reset by any confirmed effects.
     requeue_streak: AtomicU32,
@@ -137,6 +139,14 @@ impl Pipeline {
             usize::try_from(config.max_in_flight_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
             config.prefetch,
         );
+        // The rules were checked with the configuration, so this cannot fail
+        // in practice; if it did, HTTP stays denied rather than open.
+        let http = config.http.as_ref().and_then(|h| {
+            crate::outbound::HttpPolicy::new(&config.name, h, metrics.clone())
+                .map_err(|e| tracing::error!(error = %format!("{e:#}"), "outbound HTTP denied"))
+                .ok()
+                .map(Arc::new)
+        });
         Self {
             plugin_config: Arc::new(config.config.clone()),
             config,
@@ -144,6 +154,7 @@ impl Pipeline {
             slot,
             metrics,
             limits,
+            http,
             requeue_streak: AtomicU32::new(0),
             ledger: Ledger::default(),
             budget,
@@ -790,11 +801,12 @@ impl Work {
             return self.settle_plan(plan, tag, settle, in_flight, about, span);
         }
         let message = env.to_message(delivery.data);
-        let invocation = plugin.invoke(
+        let invocation = plugin.invoke_with_http(
             &message,
             p.plugin_config.clone(),
             p.info.name.clone(),
             p.limits,
+            p.http.clone(),
         );
         p.metrics.observe_handle(invocation.elapsed);
         let dropped = invocation.log_dropped();

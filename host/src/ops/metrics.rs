@@ -60,6 +60,8 @@ pub struct PipelineMetrics {
     blocked_now: AtomicBool,
     /// The last refused effect, while refusals go on.
     last_effect_error: RwLock<Option<String>>,
+    /// Outbound HTTP of the plugin (`[pipeline.http]`).
+    pub http: crate::outbound::HttpMetrics,
 }
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
@@ -427,11 +429,12 @@ impl Metrics {
                 }
             }
         }
+        crate::outbound::render_metrics(&mut out, &self.pipelines);
         out
     }
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -5,4 +5,5 @@ mod http;
 mod metrics;
 
 pub use http::serve;
+pub(crate) use metrics::escape as escape_label;
 pub use metrics::{Metrics, PipelineMetrics};
