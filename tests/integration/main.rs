@@ -12,6 +12,7 @@ mod dlq;
 mod examples;
 mod failures;
 mod hostile;
+mod http;
 mod lifecycle;
 mod ops;
 mod outcomes;

@@ -24,6 +24,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use warren::config::Config;
 
+pub mod http_server;
 pub mod raw;
 
 /// AMQP URL of the test broker.
