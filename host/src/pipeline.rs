@@ -141,12 +141,18 @@ impl Pipeline {
         );
         // The rules were checked with the configuration, so this cannot fail
         // in practice; if it did, HTTP stays denied rather than open.
-        let http = config.http.as_ref().and_then(|h| {
-            crate::outbound::HttpPolicy::new(&config.name, h, metrics.clone())
-                .map_err(|e| tracing::error!(error = %format!("{e:#}"), "outbound HTTP denied"))
-                .ok()
-                .map(Arc::new)
-        });
+        let http = {
+            use crate::outbound::HttpPolicy;
+            let deny = || HttpPolicy::deny_all(&config.name, metrics.clone());
+            let policy = match &config.http {
+                None => deny(),
+                Some(h) => HttpPolicy::new(&config.name, h, metrics.clone()).unwrap_or_else(|e| {
+                    tracing::error!(pipeline = %config.name, error = %format!("{e:#}"), "outbound HTTP denied");
+                    deny()
+                }),
+            };
+            Some(Arc::new(policy))
+        };
         Self {
             plugin_config: Arc::new(config.config.clone()),
             config,

@@ -99,6 +99,7 @@ async fn a_pipeline_without_http_denies_every_request() -> anyhow::Result<()> {
     let server = HttpServer::start(|_| Reply::ok("no"))?;
     let q = unique("http-none");
     let warren = start(config(&pipeline("http-none", &q, "probe", ""))?).await?;
+    let m = warren.metrics().pipeline("http-none").expect("metrics");
     let mut rpc = RpcClient::connect().await?;
     let v = ask(
         &mut rpc,
@@ -108,6 +109,7 @@ async fn a_pipeline_without_http_denies_every_request() -> anyhow::Result<()> {
     .await?;
     assert_eq!(v["error"], "denied", "{v}");
     assert_eq!(server.accepted(), 0);
+    assert_eq!(m.http.denied_count(), 1);
     warren.shutdown().await;
     Ok(())
 }

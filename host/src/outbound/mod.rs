@@ -140,11 +140,27 @@ impl HttpPolicy {
             metrics,
         })
     }
+
+    /// The grant of a pipeline without `[pipeline.http]`: nothing, but its
+    /// denials are counted and logged like any other.
+    pub fn deny_all(pipeline: &str, metrics: Arc<crate::ops::PipelineMetrics>) -> Self {
+        Self {
+            pipeline: pipeline.into(),
+            rules: AllowList::default(),
+            timeout: Duration::ZERO,
+            max_response_bytes: 0,
+            max_requests: 0,
+            tls: Err("outbound HTTP is not granted".into()),
+            metrics,
+        }
+    }
 }
 
 /// The `wasi:http` side of one plugin call: what the pipeline grants, the
 /// message's deadline, and what the call has used so far.
 pub(crate) struct CallHttp {
+    /// For log lines when no policy is given (`warren invoke`).
+    pipeline: Arc<str>,
     policy: Option<Arc<HttpPolicy>>,
     deadline: Instant,
     requests: u32,
@@ -161,8 +177,13 @@ struct CallShared {
 }
 
 impl CallHttp {
-    pub(crate) fn new(policy: Option<Arc<HttpPolicy>>, deadline: Instant) -> Self {
+    pub(crate) fn new(
+        pipeline: Arc<str>,
+        policy: Option<Arc<HttpPolicy>>,
+        deadline: Instant,
+    ) -> Self {
         Self {
+            pipeline,
             policy,
             deadline,
             requests: 0,
@@ -178,13 +199,26 @@ impl CallHttp {
 
     /// Refuse a request: logged once per message, counted every time.
     fn deny(&self, target: &str, rule: &str, why: &str) -> SendFuture {
-        deny(self.policy.as_deref(), &self.shared, target, rule, why);
+        deny(
+            &self.pipeline,
+            self.policy.as_deref(),
+            &self.shared,
+            target,
+            rule,
+            why,
+        );
         Box::new(async { Err(HttpError::HttpRequestDenied) })
     }
 }
 
-fn deny(policy: Option<&HttpPolicy>, shared: &CallShared, target: &str, rule: &str, why: &str) {
-    let pipeline = policy.map_or("-", |p| &p.pipeline);
+fn deny(
+    pipeline: &str,
+    policy: Option<&HttpPolicy>,
+    shared: &CallShared,
+    target: &str,
+    rule: &str,
+    why: &str,
+) {
     if let Some(p) = policy {
         p.metrics.http.denied();
     }

@@ -269,6 +269,7 @@ async fn resolve(call: &Call, target: &Target) -> Result<Vec<SocketAddr>, HttpEr
             target.rule
         );
         super::deny(
+            &call.policy.pipeline,
             Some(&call.policy),
             &call.shared,
             &target.shown,

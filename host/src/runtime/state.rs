@@ -83,7 +83,7 @@ impl HostState {
             wasi: None,
             table: ResourceTable::new(),
             http_ctx: WasiHttpCtx::new(),
-            http: CallHttp::new(http, deadline),
+            http: CallHttp::new(log.pipeline.clone(), http, deadline),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             config,
             log,
