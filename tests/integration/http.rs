@@ -404,3 +404,45 @@ async fn notify_posts_webhooks_and_honours_retry_after_through_the_tiers() -> an
     warren.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn thumbnail_fetches_an_image_by_url_from_an_allowed_host() -> anyhow::Result<()> {
+    let img = image::DynamicImage::new_rgb8(300, 150);
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)?;
+    let png = png.into_inner();
+    let server = HttpServer::start(move |r| {
+        if r.path == "/cat.png" {
+            Reply::ok(png.clone())
+        } else {
+            Reply::Respond(404, Vec::new(), b"no".to_vec())
+        }
+    })?;
+    let q = unique("thumb-url");
+    let thumbs = unique("thumb-url-out");
+    let extra = format!(
+        "[[pipeline.output]]\nexchange = {thumbs:?}\ntype = \"fanout\"\n\
+         [pipeline.limits]\nmemory_mib = 256\ntimeout_ms = 20000\n\
+         [pipeline.config]\noutput_exchange = {thumbs:?}\n\
+         [pipeline.http]\nallowed_hosts = [{:?}]\n",
+        server.url("http", "")
+    );
+    let warren = start(config(&pipeline("thumb-url", &q, "thumbnail", &extra))?).await?;
+    let client = Client::connect().await?;
+    let out = unique("thumb-url-q");
+    client.bound_queue(&out, &thumbs, "").await?;
+    let body = serde_json::json!({"url": server.url("http", "/cat.png")}).to_string();
+    client.send(&q, body.as_bytes()).await?;
+    let d = client.take_one(&out, WAIT).await?;
+    assert_eq!(header(&d, "x-original-width").as_deref(), Some("300"));
+    assert_eq!(header(&d, "x-thumbnail-width").as_deref(), Some("128"));
+
+    // A 404 parks the message with the status.
+    let body = serde_json::json!({"url": server.url("http", "/dog.png")}).to_string();
+    client.send(&q, body.as_bytes()).await?;
+    let d = client.take_one(&format!("{q}.dlq"), WAIT).await?;
+    let reason = header(&d, "x-warren-reason").unwrap_or_default();
+    assert!(reason.contains("status 404"), "{reason}");
+    warren.shutdown().await;
+    Ok(())
+}
