@@ -469,6 +469,9 @@ pub struct PipelineConfig {
     /// Pause consuming while the plugin's downstream service fails.
     #[serde(default)]
     pub circuit_breaker: Option<crate::downstream::BreakerConfig>,
+    /// Outbound HTTP granted to the plugin; none without this table.
+    #[serde(default)]
+    pub http: Option<crate::outbound::HttpConfig>,
 }
 
 impl PipelineConfig {
@@ -672,6 +675,9 @@ impl Config {
         };
         for p in &mut config.pipelines {
             resolve(&mut p.plugin);
+            if let Some(ca) = p.http.as_mut().and_then(|h| h.ca_file.as_mut()) {
+                resolve(ca);
+            }
         }
         let b = &mut config.broker;
         [
@@ -882,6 +888,9 @@ impl PipelineConfig {
         self.retry.validate()?;
         self.limits.validate()?;
         self.validate_downstream()?;
+        if let Some(http) = &self.http {
+            http.validate()?;
+        }
         // Derived names (`<queue>.retry.<ms>`, consumer tags) must fit AMQP's
         // 255-byte short strings too. The delays are bounded by now, so this
         // cannot overflow.

@@ -48,6 +48,7 @@ pub mod downstream;
 pub mod envelope;
 pub mod logtext;
 pub mod ops;
+pub mod outbound;
 pub mod pipeline;
 pub mod plugins;
 pub mod retry;

@@ -105,6 +105,8 @@ pub struct Pipeline {
     pub metrics: Arc<PipelineMetrics>,
     plugin_config: Arc<BTreeMap<String, String>>,
     limits: InvokeLimits,
+    /// Outbound HTTP granted by `[pipeline.http]`; `None` denies every request.
+    http: Option<Arc<crate::outbound::HttpPolicy>>,
     /// Deliveries requeued in a row because their effects were refused; sets
     /// the back-off before the next requeue, reset by any confirmed effects.
     requeue_streak: AtomicU32,
@@ -163,6 +165,20 @@ impl Pipeline {
             .circuit_breaker
             .clone()
             .map(|c| Arc::new(Breaker::new(c, info.name.clone(), metrics.clone())));
+        // The rules were checked with the configuration, so this cannot fail
+        // in practice; if it did, HTTP stays denied rather than open.
+        let http = {
+            use crate::outbound::HttpPolicy;
+            let deny = || HttpPolicy::deny_all(&config.name, metrics.clone());
+            let policy = match &config.http {
+                None => deny(),
+                Some(h) => HttpPolicy::new(&config.name, h, metrics.clone()).unwrap_or_else(|e| {
+                    tracing::error!(pipeline = %config.name, error = %format!("{e:#}"), "outbound HTTP denied");
+                    deny()
+                }),
+            };
+            Some(Arc::new(policy))
+        };
         Self {
             plugin_config: Arc::new(config.config.clone()),
             config,
@@ -170,6 +186,7 @@ impl Pipeline {
             slot,
             metrics,
             limits,
+            http,
             requeue_streak: AtomicU32::new(0),
             ledger: Ledger::default(),
             budget,
@@ -1141,11 +1158,12 @@ impl Work {
             return self.settle_plan(plan, tag, settle, in_flight, about, span);
         }
         let message = env.to_message(delivery.data);
-        let invocation = plugin.invoke(
+        let invocation = plugin.invoke_with_http(
             &message,
             p.plugin_config.clone(),
             p.info.name.clone(),
             p.limits,
+            p.http.clone(),
         );
         p.metrics.observe_handle(invocation.elapsed);
         if let Some(age) = sent.and_then(|secs| {

@@ -11,10 +11,12 @@
 //! * answer with an [`Outcome`] ([`Outcome::ack`], [`Outcome::publish`],
 //!   [`Outcome::reply`], [`Outcome::retry`], [`Outcome::dead_letter`], ...);
 //! * read the pipeline's settings with [`config`], [`config_or`] and [`config_parse`];
-//! * write to warren's log with the functions in [`log`].
+//! * write to warren's log with the functions in [`log`];
+//! * call the HTTP services the pipeline grants with [`http`].
 //!
 //! Plugins get WASI preview 2 clocks, random numbers and stdout/stderr (both go to
-//! warren's log), but no files, environment variables or network.
+//! warren's log), but no files, environment variables or sockets; outbound HTTP
+//! only to what the pipeline's `[pipeline.http]` allows.
 //!
 //! # A complete plugin
 //!
@@ -63,6 +65,8 @@ use std::str::{FromStr, Utf8Error};
 use std::time::Duration;
 
 use __private::bindings;
+
+pub mod http;
 
 pub use bindings::warren::plugin::types::{Message, Outcome, Outgoing, RetryRequest, RpcReply};
 

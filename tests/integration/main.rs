@@ -14,6 +14,7 @@ mod downstream;
 mod examples;
 mod failures;
 mod hostile;
+mod http;
 mod lifecycle;
 mod ops;
 mod outcomes;

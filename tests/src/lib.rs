@@ -23,6 +23,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use warren::config::Config;
 
+pub mod http_server;
 mod names;
 pub mod raw;
 

@@ -117,6 +117,8 @@ pub struct PipelineMetrics {
     node: RwLock<Option<String>>,
     /// Rate limit and circuit breaker.
     pub downstream: super::DownstreamMetrics,
+    /// Outbound HTTP of the plugin (`[pipeline.http]`).
+    pub http: super::HttpMetrics,
 }
 
 const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
@@ -581,6 +583,7 @@ impl Collector for Scrape {
             Counter,
             |p| one(count(&p.topology_repairs)),
         )?;
+        super::outbound::encode(&self.0, &mut enc)?;
         self.family(
             &mut enc,
             "warren_rate_limited_seconds",

@@ -4,7 +4,9 @@
 mod downstream;
 mod http;
 mod metrics;
+mod outbound;
 
 pub use downstream::DownstreamMetrics;
 pub use http::serve;
 pub use metrics::{FailureKind, Metrics, PipelineMetrics};
+pub use outbound::HttpMetrics;

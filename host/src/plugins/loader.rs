@@ -258,10 +258,23 @@ impl LoadedPlugin {
         pipeline: Arc<str>,
         limits: InvokeLimits,
     ) -> Invocation {
+        self.invoke_with_http(msg, config, pipeline, limits, None)
+    }
+
+    /// [`Self::invoke`] with the pipeline's outbound HTTP grant (`None`:
+    /// every `wasi:http` request is denied).
+    pub fn invoke_with_http(
+        &self,
+        msg: &Message,
+        config: Arc<BTreeMap<String, String>>,
+        pipeline: Arc<str>,
+        limits: InvokeLimits,
+        http: Option<Arc<crate::outbound::HttpPolicy>>,
+    ) -> Invocation {
         let log = crate::runtime::LogContext {
             pipeline,
             plugin_version: self.version.clone(),
         };
-        crate::runtime::invoke(&self.code.pre, msg, config, log, limits)
+        crate::runtime::invoke(&self.code.pre, msg, config, log, limits, http)
     }
 }

@@ -1,5 +1,5 @@
 //! The shared wasmtime `Engine` (pooling allocator, epoch interruption), the
-//! `Linker` with WASI and the `host` imports, and the epoch ticker thread.
+//! `Linker` with WASI, wasi:http and the `host` imports, and the epoch ticker thread.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,6 +85,12 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(anyhow::Error::from)
             .context("linking WASI")?;
+        // wasi:http is always linked, so a plugin that can make requests loads
+        // on any pipeline; on one without `[pipeline.http]` every request is
+        // denied (HTTP-request-denied) before anything leaves the host.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:http")?;
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)
             .context("linking the warren host interface")?;

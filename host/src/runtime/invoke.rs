@@ -11,6 +11,7 @@ use wasmtime::{Store, Trap};
 use super::bindings::{Message, Outcome, PluginPre};
 use super::engine::EPOCH_TICK;
 use super::state::{HostState, LogContext};
+use crate::outbound::HttpPolicy;
 
 /// Per-call resource limits.
 #[derive(Debug, Clone, Copy)]
@@ -155,10 +156,15 @@ pub(crate) fn invoke(
     config: Arc<BTreeMap<String, String>>,
     log: LogContext,
     limits: InvokeLimits,
+    http: Option<Arc<HttpPolicy>>,
 ) -> Invocation {
     let start = Instant::now();
     let engine = pre.engine();
-    let mut store = Store::new(engine, HostState::new(config, log, limits));
+    // Outbound HTTP waits in host calls, where epoch interruption cannot
+    // reach; its requests end at this deadline themselves.
+    let deadline = start.checked_add(limits.timeout).unwrap_or(start);
+    let state = HostState::new(config, log, limits, http, deadline);
+    let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     // The current tick is already partly over, so one more tick makes sure a
     // plugin always gets its whole timeout (and is stopped within a tick after).
@@ -171,13 +177,19 @@ pub(crate) fn invoke(
     store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
     store.epoch_deadline_trap();
 
-    let result = match pre.instantiate(&mut store) {
+    let mut result = match pre.instantiate(&mut store) {
         Err(e) => Err(classify(&store, e, limits, true)),
         Ok(plugin) => plugin
             .warren_plugin_handler()
             .call_handle(&mut store, msg)
             .map_err(|e| classify(&store, e, limits, false)),
     };
+    // An HTTP request cut by the message's deadline makes the call a timeout
+    // even if the plugin, handed the error, still returned in time: the
+    // message takes the same retry path as a plugin stopped by the epoch.
+    if result.is_ok() && store.data().http.cut_by_deadline() {
+        result = Err(PluginFailure::Timeout(limits.timeout));
+    }
     store.data().flush_output();
     Invocation {
         result,

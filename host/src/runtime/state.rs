@@ -1,15 +1,19 @@
-//! Per-invocation store state: WASI context (granting nothing), resource limits,
-//! captured stdout/stderr and the implementation of the `host` imports.
+//! Per-invocation store state: WASI context (granting nothing), outbound HTTP
+//! (what the pipeline grants), resource limits, captured stdout/stderr and the
+//! implementation of the `host` imports.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::{Level, warren};
 use crate::logtext::Escaped;
+use crate::outbound::{CallHttp, HttpPolicy};
 
 /// Bytes of stdout (and, separately, stderr) kept per invocation. A plugin that
 /// prints more gets a write error, which a Rust `println!` turns into a trap.
@@ -28,6 +32,9 @@ pub(crate) struct HostState {
     /// such a plugin's whole instantiate + call + drop.
     wasi: Option<Wasi>,
     table: ResourceTable,
+    http_ctx: WasiHttpCtx,
+    /// `wasi:http` requests: checked against the pipeline's grant.
+    pub(crate) http: CallHttp,
     pub(crate) limiter: MemoryLimiter,
     config: Arc<BTreeMap<String, String>>,
     log: LogContext,
@@ -71,10 +78,14 @@ impl HostState {
         config: Arc<BTreeMap<String, String>>,
         log: LogContext,
         limits: super::InvokeLimits,
+        http: Option<Arc<HttpPolicy>>,
+        deadline: Instant,
     ) -> Self {
         Self {
             wasi: None,
             table: ResourceTable::new(),
+            http_ctx: WasiHttpCtx::new(),
+            http: CallHttp::new(log.pipeline.clone(), http, deadline),
             limiter: MemoryLimiter::new(limits.memory_bytes),
             config,
             log,
@@ -132,6 +143,16 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi.get_or_insert_with(Wasi::new).ctx,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
         }
     }
 }

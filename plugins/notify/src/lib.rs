@@ -21,16 +21,37 @@
 //! * `template.<template>` and `template.<template>.<channel>`: message templates;
 //! * `exchange`: where to publish (default `notifications`);
 //! * `channels`: comma-separated allowed channels, also the default when the
-//!   event names none (default `email,sms,webhook`).
+//!   event names none (default `email,sms,webhook`);
+//! * `webhook.url`: when set, the `webhook` channel is delivered by POSTing its
+//!   JSON body to this URL instead of publishing it (the pipeline must allow
+//!   the URL's origin in `[pipeline.http] allowed_hosts`).
+//!
+//! Webhook delivery happens before anything is published, so a failed POST
+//! publishes nothing: 2xx is delivered; 429 and 5xx ask for a retry, with the
+//! server's `Retry-After` (seconds) as the delay when it sends one (warren rounds
+//! it up to a retry tier); a timeout or a failed connection retries too; any
+//! other status dead-letters the event with the status and the start of the
+//! response body, and so does a URL the pipeline does not allow. A retried event
+//! may POST again (at-least-once): receivers should deduplicate, e.g. on the
+//! `x-notify-id` header (the message id, when the producer set one).
 
 use serde_json::{Map, Value, json};
-use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, config};
+use std::time::Duration;
+
+use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, config, http};
 
 struct Notify;
 
 impl Handler for Notify {
     fn handle(msg: Message) -> Outcome {
-        match notify(msg.body(), config) {
+        let id = msg.message_id().unwrap_or("").to_string();
+        let post = |url: &str, body: String| {
+            http::post(url)
+                .header("x-notify-id", &id)
+                .json(&body)
+                .send()
+        };
+        match notify(msg.body(), config, post) {
             Ok(outcome) => outcome,
             Err(reason) => Outcome::dead_letter(reason),
         }
@@ -39,9 +60,13 @@ impl Handler for Notify {
 
 warren_plugin_sdk::export!(Notify);
 
-/// Handles one event, reading config through `config` (a parameter so the logic
-/// can be tested outside a host).
-fn notify(body: &[u8], config: impl Fn(&str) -> Option<String>) -> Result<Outcome, String> {
+/// Handles one event, reading config through `config` and POSTing webhooks
+/// through `post` (parameters so the logic can be tested outside a host).
+fn notify(
+    body: &[u8],
+    config: impl Fn(&str) -> Option<String>,
+    post: impl Fn(&str, String) -> Result<http::Response, http::Error>,
+) -> Result<Outcome, String> {
     let event: Value =
         serde_json::from_slice(body).map_err(|e| format!("event is not JSON: {e}"))?;
     let event = event.as_object().ok_or("event is not a JSON object")?;
@@ -87,6 +112,8 @@ fn notify(body: &[u8], config: impl Fn(&str) -> Option<String>) -> Result<Outcom
     dedup_in_order(&mut channels);
 
     let exchange = config("exchange").unwrap_or_else(|| "notifications".into());
+    let webhook_url = config("webhook.url").filter(|u| !u.trim().is_empty());
+    let mut webhook = None;
     let mut out = Vec::with_capacity(channels.len());
     for channel in channels {
         let (key, text) = [
@@ -103,6 +130,10 @@ fn notify(body: &[u8], config: impl Fn(&str) -> Option<String>) -> Result<Outcom
         })?;
         let text = render(&text, &key, user, vars)?;
         let body = json!({"user": user, "channel": channel, "text": text}).to_string();
+        if let (Some(url), "webhook") = (&webhook_url, channel) {
+            webhook = Some((url.trim().to_string(), body));
+            continue;
+        }
         out.push(
             Outgoing::new(&exchange, format!("notify.{channel}"), body)
                 .content_type("application/json")
@@ -112,7 +143,55 @@ fn notify(body: &[u8], config: impl Fn(&str) -> Option<String>) -> Result<Outcom
     if transient_failure {
         return Ok(Outcome::retry("transient failure requested by event"));
     }
+    if let Some((url, body)) = webhook
+        && let Some(not_delivered) = deliver(&url, body, post)
+    {
+        return Ok(not_delivered);
+    }
     Ok(Outcome::publish(out))
+}
+
+/// Longest piece of a webhook's error response kept in a dead-letter reason.
+const BODY_IN_REASON: usize = 200;
+
+/// POST a webhook; `None` when delivered, else what to do with the event.
+fn deliver(
+    url: &str,
+    body: String,
+    post: impl Fn(&str, String) -> Result<http::Response, http::Error>,
+) -> Option<Outcome> {
+    let res = match post(url, body) {
+        Ok(res) => res,
+        Err(http::Error::Denied) => {
+            return Some(Outcome::dead_letter(format!(
+                "webhook {url}: denied (add its origin to [pipeline.http] allowed_hosts)"
+            )));
+        }
+        Err(e) if e.is_transient() => {
+            return Some(Outcome::retry(format!("webhook {url}: {e}")));
+        }
+        Err(e) => return Some(Outcome::dead_letter(format!("webhook {url}: {e}"))),
+    };
+    if res.is_success() {
+        return None;
+    }
+    let status = res.status;
+    if status == 429 || status >= 500 {
+        let reason = format!("webhook {url} answered {status}");
+        return Some(match res.retry_after() {
+            Some(delay) => Outcome::retry_after(reason, delay.min(Duration::from_secs(86_400))),
+            None => Outcome::retry(reason),
+        });
+    }
+    let text = res.body_lossy();
+    let mut cut = text.len().min(BODY_IN_REASON);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Some(Outcome::dead_letter(format!(
+        "webhook {url} answered {status}: {}",
+        &text[..cut]
+    )))
 }
 
 fn string_field<'a>(event: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
@@ -188,7 +267,64 @@ mod tests {
             ("template.oops".to_owned(), "Hi {name".to_owned()),
         ]);
         cfg.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        notify(event.as_bytes(), |k| cfg.get(k).cloned())
+        notify(
+            event.as_bytes(),
+            |k| cfg.get(k).cloned(),
+            |_, _| panic!("no webhook.url is configured"),
+        )
+    }
+
+    fn with_webhook(status: u16, headers: &[(&str, &str)], body: &str) -> Outcome {
+        let cfg: HashMap<String, String> = [
+            ("template.welcome", "hi {user}"),
+            ("webhook.url", "https://hooks.example.com/x"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let response = http::Response {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+        };
+        notify(
+            br#"{"user":"ada","template":"welcome","channels":["email","webhook"]}"#,
+            |k| cfg.get(k).cloned(),
+            |url, body| {
+                assert_eq!(url, "https://hooks.example.com/x");
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["channel"], "webhook");
+                Ok(response.clone())
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn webhooks_are_posted_and_failures_decide_the_outcome() {
+        let Outcome::Publish(out) = with_webhook(204, &[], "") else {
+            panic!("delivered webhook should publish the other channels");
+        };
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].routing_key, "notify.email");
+        assert_eq!(
+            with_webhook(429, &[("retry-after", "7")], "slow down"),
+            Outcome::retry_after(
+                "webhook https://hooks.example.com/x answered 429",
+                Duration::from_secs(7)
+            )
+        );
+        assert_eq!(
+            with_webhook(503, &[], ""),
+            Outcome::retry("webhook https://hooks.example.com/x answered 503")
+        );
+        assert_eq!(
+            with_webhook(404, &[], "no such hook"),
+            Outcome::dead_letter("webhook https://hooks.example.com/x answered 404: no such hook")
+        );
     }
 
     fn published(outcome: Outcome) -> Vec<(String, Value)> {

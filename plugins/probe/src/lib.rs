@@ -26,6 +26,12 @@
 //! | `print <text>` | print to stdout and stderr, then ack |
 //! | `sleep <ms>` | keep busy for that long, then ack |
 //! | `outage <ms> <reason>` | `host.report-outage(ms, reason)`, then retry with the reason |
+//! | `http <method> <url> [body]` | one HTTP request; reply with its result as JSON (below) |
+//! | `http-n <n> <url>` | `n` GET requests, stopping at the first failure; reply as `http` for the last |
+//!
+//! The JSON of `http`: `{"status": 200, "len": 5, "body": "<first 200 bytes>",
+//! "location": null, "requests": 1}`, or `{"error": "denied|timeout|too-large|other",
+//! "detail": "...", "requests": k}` where `requests` counts the ones that succeeded.
 //!
 //! Anything else is dead-lettered with `unknown probe command: ...`; bad arguments
 //! with `probe: ...`.
@@ -34,7 +40,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use serde_json::json;
-use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, RpcReply, config, log};
+use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, RpcReply, config, http, log};
 
 struct Probe;
 
@@ -142,6 +148,34 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
             }
             Outcome::ack()
         }
+        "http" => {
+            let (method, rest) = args.split_once(' ').unwrap_or((args, ""));
+            let (url, body) = rest.split_once(' ').unwrap_or((rest, ""));
+            let method = match method {
+                "GET" => http::Method::Get,
+                "POST" => http::Method::Post,
+                "PUT" => http::Method::Put,
+                "DELETE" => http::Method::Delete,
+                _ => return Err(format!("unknown HTTP method {method:?}")),
+            };
+            let result = http::request(method, url).body(body).send();
+            let ok = u32::from(result.is_ok());
+            http_reply(result, ok)
+        }
+        "http-n" => {
+            let (n, url) = args.split_once(' ').unwrap_or((args, ""));
+            let n: u32 = number(n)?;
+            let mut done = 0;
+            let mut last = Err(http::Error::Other("no request made".into()));
+            for _ in 0..n {
+                last = http::get(url).send();
+                if last.is_err() {
+                    break;
+                }
+                done += 1;
+            }
+            http_reply(last, done)
+        }
         "print" => {
             println!("{args}");
             eprintln!("{args}");
@@ -149,6 +183,33 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
         }
         _ => Outcome::dead_letter(format!("unknown probe command: {command}")),
     })
+}
+
+fn http_reply(result: Result<http::Response, http::Error>, ok: u32) -> Outcome {
+    let v = match result {
+        Ok(res) => {
+            let head = &res.body[..res.body.len().min(200)];
+            json!({
+                "status": res.status,
+                "len": res.body.len(),
+                "body": String::from_utf8_lossy(head),
+                "location": res.header("location"),
+                "requests": ok,
+            })
+        }
+        Err(e) => {
+            let kind = match &e {
+                http::Error::Denied => "denied",
+                http::Error::Timeout => "timeout",
+                http::Error::TooLarge => "too-large",
+                _ => "other",
+            };
+            json!({"error": kind, "detail": e.to_string(), "requests": ok})
+        }
+    };
+    RpcReply::new(v.to_string())
+        .content_type("application/json")
+        .into()
 }
 
 /// `<exchange> <routing_key> <rest...>`, with `-` standing for the default exchange.

@@ -7,6 +7,12 @@
 //! `x-thumbnail-height`. A body that does not decode is dead-lettered with the
 //! decoder's error.
 //!
+//! Instead of the image itself the body may be `{"url": "https://..."}`: the
+//! image is then fetched with a GET (the pipeline's `[pipeline.http]` must allow
+//! the URL's origin). 429 and 5xx answers, timeouts and failed connections ask
+//! for a retry (honouring `Retry-After`); a denied URL, another status or a
+//! response over `max_response_bytes` dead-letters the message.
+//!
 //! Config keys:
 //! * `max_width`, `max_height`: bounding box in pixels (default 128 each);
 //! * `output_exchange`: where to publish (default `thumbnails`);
@@ -16,7 +22,11 @@ use std::io::Cursor;
 
 use image::imageops::FilterType;
 use image::{GenericImageView, ImageFormat};
-use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, config, config_or, config_parse_or};
+use std::time::Duration;
+
+use warren_plugin_sdk::{
+    Handler, Message, Outcome, Outgoing, config, config_or, config_parse_or, http,
+};
 
 const DEFAULT_MAX: u32 = 128;
 
@@ -28,7 +38,18 @@ impl Handler for Thumbnail {
             (Ok(w), Ok(h)) => (w, h),
             (Err(e), _) | (_, Err(e)) => return Outcome::dead_letter(e),
         };
-        let thumb = match make_thumbnail(msg.body(), max_width, max_height) {
+        let fetched;
+        let image = match image_url(msg.body()) {
+            None => msg.body(),
+            Some(url) => match fetch(&url) {
+                Ok(bytes) => {
+                    fetched = bytes;
+                    &fetched
+                }
+                Err(outcome) => return outcome,
+            },
+        };
+        let thumb = match make_thumbnail(image, max_width, max_height) {
             Ok(thumb) => thumb,
             Err(e) => return Outcome::dead_letter(e),
         };
@@ -53,6 +74,39 @@ impl Handler for Thumbnail {
 }
 
 warren_plugin_sdk::export!(Thumbnail);
+
+/// The `url` of a `{"url": "..."}` body; `None` for anything else (image
+/// bytes never start with `{`).
+fn image_url(body: &[u8]) -> Option<String> {
+    if body.first() != Some(&b'{') {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("url")?.as_str().map(str::to_string)
+}
+
+/// GET the image, or say what to do with the message.
+fn fetch(url: &str) -> Result<Vec<u8>, Outcome> {
+    let res = match http::get(url).send() {
+        Ok(res) => res,
+        Err(e) if e.is_transient() => {
+            return Err(Outcome::retry(format!("fetching {url}: {e}")));
+        }
+        Err(e) => return Err(Outcome::dead_letter(format!("fetching {url}: {e}"))),
+    };
+    let status = res.status;
+    if res.is_success() {
+        return Ok(res.body);
+    }
+    let reason = format!("fetching {url}: status {status}");
+    if status == 429 || status >= 500 {
+        return Err(match res.retry_after() {
+            Some(d) => Outcome::retry_after(reason, d.min(Duration::from_secs(86_400))),
+            None => Outcome::retry(reason),
+        });
+    }
+    Err(Outcome::dead_letter(reason))
+}
 
 fn bound(key: &str) -> Result<u32, String> {
     match config_parse_or(key, DEFAULT_MAX) {
