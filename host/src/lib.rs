@@ -8,6 +8,7 @@
 //! [`run`] is the whole program as a function: tests and embedders call it with
 //! their own configuration and shutdown signal; the CLI is a thin wrapper.
 
+pub mod allow;
 pub mod broker;
 pub mod budget;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod retry;
 pub mod runtime;
+pub mod secret;
 pub mod suspects;
 
 use std::future::Future;
@@ -219,7 +221,8 @@ pub async fn start(config: Config) -> Result<Running> {
             tasks.push(tokio::spawn(r.clone().run(stop_rx.clone())));
             reloaders.push(r);
         }
-        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm));
+        let policy = allow::PublishPolicy::new(p, &config.pipelines);
+        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm, policy));
         tasks.push(tokio::spawn(pipeline.supervise(
             config.broker.clone(),
             first_delay,

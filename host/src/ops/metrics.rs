@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::allow::DenyKind;
 use crate::disposition::Disposition;
 
 /// All pipelines' metrics.
@@ -55,6 +56,8 @@ pub struct PipelineMetrics {
     /// Times a missing queue of the pipeline (its DLQ, a retry tier) was
     /// declared again because a copy could not be routed to it.
     pub topology_repairs: AtomicU64,
+    /// Outputs, replies and headers the allow-list refused, by `DenyKind`.
+    denied: [AtomicU64; 3],
     /// Why the broker blocked the connection (a resource alarm), while it does.
     blocked: RwLock<Option<String>>,
     blocked_now: AtomicBool,
@@ -84,6 +87,21 @@ impl PipelineMetrics {
         if let Some(i) = FAILURE_KINDS.iter().position(|k| *k == kind) {
             self.failures[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Count `n` refusals of the allow-list.
+    pub fn denied(&self, kind: DenyKind, n: u64) {
+        if let Some(i) = DenyKind::ALL.iter().position(|k| *k == kind) {
+            self.denied[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals of this kind so far.
+    pub fn denied_count(&self, kind: DenyKind) -> u64 {
+        DenyKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.denied[i].load(Ordering::Relaxed))
     }
 
     /// Plugin failures of this kind so far.
@@ -262,7 +280,7 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let families: [(&str, &str, &str); 19] = [
+        let families: [(&str, &str, &str); 20] = [
             (
                 "warren_messages_total",
                 "counter",
@@ -350,6 +368,11 @@ impl Metrics {
                 "Messages parked in the DLQ because the broker session died with them in flight session_death_limit times.",
             ),
             (
+                "warren_denied_total",
+                "counter",
+                "What the publish allow-list refused: outputs (publish), replies (reply) and plugin headers removed (header).",
+            ),
+            (
                 "warren_topology_repairs_total",
                 "counter",
                 "Missing queues of the pipeline declared again after a copy could not reach them.",
@@ -399,6 +422,16 @@ impl Metrics {
                                 out,
                                 "{name}{{{l},source=\"{k}\"}} {}",
                                 p.cache[i].load(r)
+                            );
+                        }
+                    }
+                    "warren_denied_total" => {
+                        for (i, k) in DenyKind::ALL.iter().enumerate() {
+                            let _ = writeln!(
+                                out,
+                                "{name}{{{l},kind=\"{}\"}} {}",
+                                k.label(),
+                                p.denied[i].load(r)
                             );
                         }
                     }
