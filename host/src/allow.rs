@@ -242,10 +242,11 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
         } else {
             for (j, key_word) in words.iter().enumerate() {
                 let matches = w == "*" || w == *key_word;
-                if matches && reach.get(j).copied().unwrap_or(false) {
-                    if let Some(n) = next.get_mut(j.saturating_add(1)) {
-                        *n = true;
-                    }
+                if matches
+                    && reach.get(j).copied().unwrap_or(false)
+                    && let Some(n) = next.get_mut(j.saturating_add(1))
+                {
+                    *n = true;
                 }
             }
         }

@@ -715,10 +715,12 @@ mod tests {
 
     /// `info()` with the policy of a pipeline `p` on queue `q` configured with
     /// `extra` (keys, then `[[pipeline.output]]` entries).
+    #[allow(clippy::expect_used)] // a broken fixture should fail the test loudly
     fn info_with(extra: &str) -> PipelineInfo {
         let text =
             format!("[[pipeline]]\nname = \"p\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}");
-        let c = crate::config::Config::parse(&text, std::path::Path::new(".")).unwrap();
+        let c = crate::config::Config::parse(&text, std::path::Path::new("."))
+            .expect("a valid test configuration");
         PipelineInfo {
             policy: Arc::new(PublishPolicy::new(&c.pipelines[0], &c.pipelines)),
             ..info()
