@@ -178,7 +178,19 @@ fn check_rejects_what_run_cannot_serve_naming_the_field() {
         (
             "output-default-exchange",
             pipeline_x("[[pipeline.output]]\nexchange = \"\""),
-            vec!["pipeline \"x\"", "output exchange must not be empty"],
+            vec![
+                "pipeline \"x\"",
+                "an output needs an exchange, or queues = [...]",
+            ],
+        ),
+        (
+            "output-to-a-dlq",
+            pipeline_x("[[pipeline.output]]\nqueues = [\"q.dlq\"]"),
+            vec![
+                "pipeline \"x\"",
+                "output queue \"q.dlq\"",
+                "a dead-letter queue (<queue>.dlq), which warren manages",
+            ],
         ),
         (
             "exchange-types",
