@@ -27,10 +27,13 @@ pub fn toml_path(p: &Path) -> String {
 }
 
 /// One `[[pipeline]]` table; `extra` goes inside it (keys, then sub-tables).
+/// The plugin may publish to `<queue>.out` through the default exchange.
 pub fn pipeline_toml(name: &str, queue: &str, plugin: &Path, extra: &str) -> String {
     format!(
-        "[[pipeline]]\nname = {name:?}\nqueue = {queue:?}\nplugin = {}\nreload = false\n{extra}\n",
-        toml_path(plugin)
+        "[[pipeline]]\nname = {name:?}\nqueue = {queue:?}\nplugin = {}\nreload = false\n{extra}\n\
+         [[pipeline.output]]\nqueues = [{:?}]\n",
+        toml_path(plugin),
+        format!("{queue}.out")
     )
 }
 

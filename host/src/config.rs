@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::logtext::redact;
 pub use crate::retry::RetryConfig;
 use crate::retry::{RetryTiers, tier_queue};
+use crate::secret::Setting;
 
 /// Environment variable that overrides `broker.url` (keeps credentials out of the file).
 pub const BROKER_URL_ENV: &str = "WARREN_BROKER_URL";
@@ -444,10 +445,16 @@ pub struct PipelineConfig {
     /// in `<queue>.dlq` as a suspected poison message. 0 disables.
     #[serde(default = "default_session_death_limit")]
     pub session_death_limit: u32,
-    /// Exchanges the plugin publishes to; declared durable at start so a publish
-    /// never hits a missing exchange.
+    /// Where the plugin may publish (the allow-list, see `allow`): exchanges,
+    /// declared durable at start so a publish never hits a missing exchange,
+    /// and queues reachable through the default exchange.
     #[serde(default, rename = "output")]
     pub outputs: Vec<OutputConfig>,
+    /// Patterns (`*` matches any run of characters) a message's `reply_to`
+    /// must match for warren to reply to it. Unset: any queue warren does not
+    /// manage.
+    #[serde(default)]
+    pub reply_to_allow: Option<Vec<String>>,
     /// Retry policy.
     #[serde(default)]
     pub retry: RetryConfig,
@@ -457,9 +464,10 @@ pub struct PipelineConfig {
     /// Watch the plugin file and swap in new versions as they appear.
     #[serde(default = "default_true")]
     pub reload: bool,
-    /// Free-form settings the plugin reads with `host.config(key)`.
+    /// Free-form settings the plugin reads with `host.config(key)`; a value
+    /// may come from the environment (`{ env = "NAME" }`, see `secret`).
     #[serde(default)]
-    pub config: BTreeMap<String, String>,
+    pub config: BTreeMap<String, Setting>,
     /// Plugin calls per second, minute or hour (`"50/s"`); see `downstream`.
     #[serde(default)]
     pub rate_limit: Option<String>,
@@ -506,15 +514,26 @@ pub struct BindingConfig {
     pub routing_keys: Vec<String>,
 }
 
-/// `[[pipeline.output]]`
+/// `[[pipeline.output]]`: an exchange the plugin may publish to, or queues it
+/// may reach through the default exchange.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Exchange name (`amq.*` exchanges exist already and are not declared).
+    /// Empty (or left out) for an entry of `queues`.
+    #[serde(default)]
     pub exchange: String,
     /// `direct` (default), `fanout` or `topic`.
     #[serde(default, rename = "type")]
     pub kind: ExchangeKind,
+    /// Routing keys the plugin may use on this exchange (AMQP topic syntax:
+    /// `*` one word, `#` zero or more). Empty: any.
+    #[serde(default)]
+    pub routing_keys: Vec<String>,
+    /// Queues the plugin may publish to through the default exchange (the
+    /// routing key is the queue's name); only in an entry without `exchange`.
+    #[serde(default)]
+    pub queues: Vec<String>,
 }
 
 /// Exchange type.
@@ -678,6 +697,13 @@ impl Config {
             if let Some(ca) = p.http.as_mut().and_then(|h| h.ca_file.as_mut()) {
                 resolve(ca);
             }
+            // Secrets are read here so that `warren check` and `warren run`
+            // both stop on a missing variable, before anything starts.
+            for (key, setting) in &mut p.config {
+                setting
+                    .resolve()
+                    .with_context(|| format!("pipeline {:?}: config.{key}", p.name))?;
+            }
         }
         let b = &mut config.broker;
         [
@@ -705,7 +731,8 @@ impl Config {
     /// and then take `timeout_ms` itself.
     pub fn warnings(&self) -> Vec<String> {
         const CONSUMER_TIMEOUT_MS: u64 = 30 * 60 * 1000;
-        self.pipelines
+        let mut warnings: Vec<String> = self
+            .pipelines
             .iter()
             .filter_map(|p| {
                 let waits = u64::from(p.prefetch)
@@ -727,7 +754,13 @@ impl Config {
                 })
             })
             .chain(self.pipelines.iter().filter_map(crate::downstream::ratelimit::warning))
-            .collect()
+            .collect();
+        warnings.extend(
+            self.pipelines
+                .iter()
+                .flat_map(PipelineConfig::unlisted_exchanges),
+        );
+        warnings
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -915,13 +948,79 @@ impl PipelineConfig {
             }
         }
         for o in &self.outputs {
-            if o.exchange.is_empty() {
+            o.validate()?;
+        }
+        for pattern in self.reply_to_allow.iter().flatten() {
+            if pattern.is_empty() {
+                bail!("reply_to_allow has an empty pattern");
+            }
+            short_string("reply_to_allow pattern", pattern)?;
+        }
+        Ok(())
+    }
+
+    /// `[pipeline.config]` values that name an exchange (a key `exchange`, or
+    /// one ending in `_exchange`) the pipeline does not list as an output: a
+    /// plugin configured that way would have every publish denied. Keys are
+    /// the only generic clue to what a plugin does with a value, so other
+    /// names go unchecked; secrets are never looked at (nor shown).
+    fn unlisted_exchanges(&self) -> Vec<String> {
+        self.config
+            .iter()
+            .filter(|(k, _)| *k == "exchange" || k.ends_with("_exchange"))
+            .filter_map(|(k, v)| Some((k, v.text()?)))
+            .filter(|(_, x)| !x.is_empty() && !self.outputs.iter().any(|o| o.exchange == *x))
+            .map(|(k, x)| {
+                format!(
+                    "pipeline {:?}: config.{k} names exchange {x:?}, which is not listed in its \
+                     [[pipeline.output]]; the plugin's publishes to it will be denied",
+                    self.name
+                )
+            })
+            .collect()
+    }
+}
+
+impl OutputConfig {
+    fn validate(&self) -> Result<()> {
+        if self.exchange.is_empty() {
+            if self.queues.is_empty() {
                 bail!(
-                    "output exchange must not be empty (the default exchange \"\" always exists: \
-                     a plugin publishes to it without a [[pipeline.output]])"
+                    "an output needs an exchange, or queues = [...] for the default exchange \
+                     (which routes by queue name and is not declared)"
                 );
             }
-            short_string("output exchange", &o.exchange)?;
+            if !self.routing_keys.is_empty() || self.kind != ExchangeKind::Direct {
+                bail!(
+                    "an output of queues = [...] (the default exchange) takes no routing_keys or \
+                     type: the routing key is the queue name"
+                );
+            }
+        } else if !self.queues.is_empty() {
+            bail!(
+                "output exchange {:?} has queues = [...]: queues are reached through the default \
+                 exchange, in an entry of their own without exchange",
+                self.exchange
+            );
+        }
+        short_string("output exchange", &self.exchange)?;
+        for key in &self.routing_keys {
+            short_string("output routing key", key)?;
+        }
+        for q in &self.queues {
+            if q.is_empty() {
+                bail!("output queues has an empty name");
+            }
+            short_string("output queue", q)?;
+            // warren's own queues take only warren's copies: a message put there
+            // by a plugin would skip its bookkeeping (or, in a tier, come back
+            // to a queue after the TTL as if it were a retry).
+            if let Some(what) = crate::allow::reserved_shape(q) {
+                bail!(
+                    "output queue {q:?} has the name of {what}, which warren manages; a plugin \
+                     may not publish there"
+                );
+            }
         }
         Ok(())
     }
@@ -1253,7 +1352,8 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
     fn the_default_exchange_is_neither_declared_nor_bound() {
         let err = pipeline_err("[[pipeline.output]]\nexchange = \"\"");
         assert!(
-            err.contains("pipeline \"x\"") && err.contains("output exchange must not be empty"),
+            err.contains("pipeline \"x\"")
+                && err.contains("an output needs an exchange, or queues"),
             "{err}"
         );
         let err = pipeline_err("[[pipeline.binding]]\nexchange = \"\"");
@@ -1338,6 +1438,77 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
         assert!(err.contains("consumed by two pipelines"), "{err}");
         // A name that merely looks like a tier of a delay the pipeline does not use is fine.
         pipeline("", &other("q.retry.3000", "")).unwrap();
+    }
+
+    #[test]
+    fn outputs_list_exchanges_with_keys_or_default_exchange_queues() {
+        let c = pipeline(
+            "[[pipeline.output]]\nexchange = \"n\"\ntype = \"topic\"\nrouting_keys = [\"notify.*\"]\n\
+             [[pipeline.output]]\nqueues = [\"jobs\"]\n",
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.pipelines[0].outputs[1].queues, ["jobs"]);
+        let err = pipeline_err("[[pipeline.output]]\nexchange = \"n\"\nqueues = [\"jobs\"]");
+        assert!(err.contains("in an entry of their own"), "{err}");
+        let err = pipeline_err("[[pipeline.output]]\nqueues = [\"jobs\"]\nrouting_keys = [\"a\"]");
+        assert!(err.contains("takes no routing_keys"), "{err}");
+        for reserved in ["q.dlq", "other.dlq", "q.retry.1000", "x.retry.7"] {
+            let err = pipeline_err(&format!("[[pipeline.output]]\nqueues = [{reserved:?}]"));
+            assert!(
+                err.contains(&format!("output queue {reserved:?}"))
+                    && err.contains("warren manages"),
+                "{err}"
+            );
+        }
+        // Another pipeline's queue may be listed: that is how pipelines chain.
+        pipeline("[[pipeline.output]]\nqueues = [\"q2\"]", &other("q2", "")).unwrap();
+        let err = pipeline_err("reply_to_allow = [\"\"]");
+        assert!(err.contains("reply_to_allow has an empty pattern"), "{err}");
+    }
+
+    #[test]
+    fn a_config_exchange_that_is_not_an_output_is_warned_about() {
+        let c = pipeline(
+            "[[pipeline.output]]\nexchange = \"thumbnails\"\n[pipeline.config]\n\
+             output_exchange = \"thumbnails\"\nexchange = \"elsewhere\"\nexchange_note = \"x\"\n",
+            "",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("config.exchange") && w[0].contains("\"elsewhere\""),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_never_show() {
+        // PATH is set wherever tests run; the other name nowhere. (Setting
+        // variables here would race with other tests' threads.)
+        let (set, unset) = ("PATH", "WARREN_TEST_SECRET_NEVER_SET_7F3A");
+        let value = std::env::var(set).unwrap();
+        let c = pipeline(
+            &format!("[pipeline.config]\ntoken = {{ env = {set:?} }}\nplain = \"p\"\n"),
+            "",
+        )
+        .unwrap();
+        let settings = crate::secret::PluginSettings::new(&c.pipelines[0].config).shared();
+        assert_eq!(settings.get("token"), Some(&value));
+        assert_eq!(settings.get("plain").map(String::as_str), Some("p"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains(&value), "{debug}");
+
+        let err = pipeline_err(&format!(
+            "[pipeline.config]\ntoken = {{ env = {unset:?} }}\n"
+        ));
+        assert!(
+            err.contains("pipeline \"x\"") && err.contains("config.token") && err.contains(unset),
+            "{err}"
+        );
+        let err = pipeline_err("[pipeline.config]\ntoken = { env = \"X\", value = \"y\" }\n");
+        assert!(err.contains("token"), "{err}");
     }
 
     #[test]

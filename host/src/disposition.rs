@@ -11,6 +11,11 @@
 //! * `dead-letter` -> a copy to `<queue>.dlq` with the reason and bookkeeping
 //!   headers; an RPC request also gets an error reply so its caller does not hang.
 //! * Invalid plugin output (a name AMQP cannot carry) -> dead-letter, with why.
+//! * An output or reply the pipeline's allow-list (`allow`) denies -> nothing of
+//!   the outcome is sent; dead-letter with the rule that was missing. An error
+//!   reply goes only to a `reply_to` the allow-list accepts.
+//! * Plugin headers named `x-warren-*`, and `traceparent` when warren carries
+//!   the delivery's own over, are removed: warren's stamp is the truth.
 //!
 //! The caller acks the original only after every publication is confirmed.
 
@@ -20,6 +25,7 @@ use std::time::SystemTime;
 use lapin::BasicProperties;
 use lapin::types::{FieldTable, ShortString};
 
+use crate::allow::{Denial, DenyKind, PublishPolicy};
 use crate::envelope::{Envelope, header, header_frame_len, headers_of, set_text, table_len};
 use crate::retry::{RetryTiers, tier_queue};
 use crate::runtime::{Outcome, Outgoing, PluginFailure};
@@ -87,6 +93,10 @@ pub struct Plan {
     pub publications: Vec<Publication>,
     /// Reason for retry / dead-letter, for logs.
     pub reason: Option<String>,
+    /// Set when the dead letter is the allow-list's refusal.
+    pub denied: Option<DenyKind>,
+    /// Plugin headers removed because warren does not let plugins set them.
+    pub stripped_headers: u64,
 }
 
 /// Pipeline facts the decision needs.
@@ -96,6 +106,8 @@ pub struct PipelineInfo {
     pub queue: String,
     pub dlq: String,
     pub tiers: RetryTiers,
+    /// Where the plugin's outputs and replies may go.
+    pub policy: Arc<PublishPolicy>,
 }
 
 /// Plugin identity stamped on what it produces.
@@ -132,17 +144,29 @@ pub fn decide(
             return retry_or_dead_letter(info, plugin, env, body, failure.to_string(), None, at);
         }
     };
+    if let Err(denial) = allowed(info, env, &outcome) {
+        let mut plan = dead_letter(info, plugin, env, body, denial.reason, at);
+        plan.denied = Some(denial.kind);
+        return plan;
+    }
+    let mut stripped = 0u64;
     let built = match outcome {
         Outcome::Ack => Ok(Plan {
             disposition: Disposition::Ack,
             publications: vec![],
             reason: None,
+            denied: None,
+            stripped_headers: 0,
         }),
-        Outcome::Publish(outs) => outputs(info, plugin, env, outs).map(|publications| Plan {
-            disposition: Disposition::Publish,
-            publications,
-            reason: None,
-        }),
+        Outcome::Publish(outs) => {
+            outputs(info, plugin, env, outs, &mut stripped).map(|publications| Plan {
+                disposition: Disposition::Publish,
+                publications,
+                reason: None,
+                denied: None,
+                stripped_headers: 0,
+            })
+        }
         Outcome::Reply(reply) => {
             let Some(reply_to) = env.reply_to() else {
                 return dead_letter(
@@ -155,31 +179,34 @@ pub fn decide(
                 );
             };
             let mut headers = FieldTable::default();
-            stamp(&mut headers, info, plugin, env);
-            let built = text_headers(&mut headers, reply.headers).and_then(|()| {
-                let mut props = BasicProperties::default()
-                    .with_headers(headers)
-                    .with_delivery_mode(PERSISTENT);
-                if let Some(c) = env.properties.correlation_id() {
-                    props = props.with_correlation_id(c.clone());
-                }
-                if let Some(ct) = reply.content_type {
-                    props = props.with_content_type(short(ct, "reply content type")?);
-                }
-                let mut pubs = vec![Publication {
-                    exchange: "".into(),
-                    routing_key: short(reply_to.into(), "reply-to")?,
-                    body: reply.body,
-                    properties: props,
-                    role: Role::Reply,
-                }];
-                pubs.extend(outputs(info, plugin, env, reply.publish)?);
-                Ok(pubs)
-            });
+            let built =
+                text_headers(&mut headers, reply.headers, env, &mut stripped).and_then(|()| {
+                    stamp(&mut headers, info, plugin, env);
+                    let mut props = BasicProperties::default()
+                        .with_headers(headers)
+                        .with_delivery_mode(PERSISTENT);
+                    if let Some(c) = env.properties.correlation_id() {
+                        props = props.with_correlation_id(c.clone());
+                    }
+                    if let Some(ct) = reply.content_type {
+                        props = props.with_content_type(short(ct, "reply content type")?);
+                    }
+                    let mut pubs = vec![Publication {
+                        exchange: "".into(),
+                        routing_key: short(reply_to.into(), "reply-to")?,
+                        body: reply.body,
+                        properties: props,
+                        role: Role::Reply,
+                    }];
+                    pubs.extend(outputs(info, plugin, env, reply.publish, &mut stripped)?);
+                    Ok(pubs)
+                });
             built.map(|publications| Plan {
                 disposition: Disposition::Reply,
                 publications,
                 reason: None,
+                denied: None,
+                stripped_headers: 0,
             })
         }
         Outcome::Retry(req) => {
@@ -197,16 +224,21 @@ pub fn decide(
         )),
         None => Ok(plan),
     });
-    built.unwrap_or_else(|why| {
-        dead_letter(
-            info,
-            plugin,
-            env,
-            body,
-            format!("invalid plugin outcome: {why}"),
-            at,
-        )
-    })
+    built
+        .map(|mut plan| {
+            plan.stripped_headers = stripped;
+            plan
+        })
+        .unwrap_or_else(|why| {
+            dead_letter(
+                info,
+                plugin,
+                env,
+                body,
+                format!("invalid plugin outcome: {why}"),
+                at,
+            )
+        })
 }
 
 fn retry_or_dead_letter(
@@ -257,7 +289,27 @@ fn retry_or_dead_letter(
             role: Role::Copy,
         }],
         reason: Some(reason),
+        denied: None,
+        stripped_headers: 0,
     }
+}
+
+/// Check every address the outcome would send to against the allow-list:
+/// the reply's `reply_to` (chosen by the producer) and each output (chosen by
+/// the plugin). The first refusal decides.
+fn allowed(info: &PipelineInfo, env: &Envelope, outcome: &Outcome) -> Result<(), Denial> {
+    let outs = match outcome {
+        Outcome::Publish(outs) => outs,
+        Outcome::Reply(reply) => {
+            if let Some(reply_to) = env.reply_to() {
+                info.policy.reply_to(reply_to)?;
+            }
+            &reply.publish
+        }
+        _ => return Ok(()),
+    };
+    outs.iter()
+        .try_for_each(|o| info.policy.output(&o.exchange, &o.routing_key))
 }
 
 /// Park a delivery in the DLQ without calling the plugin and without any
@@ -310,7 +362,11 @@ fn dead_letter(
         properties,
         role: Role::Copy,
     }];
+    // A producer's reply_to is an address warren writes to with its own
+    // rights: one the allow-list refuses gets no error reply (the dead letter
+    // still says why the message failed).
     if let Some(reply_to) = env.reply_to()
+        && info.policy.reply_to(reply_to).is_ok()
         && let Ok(rk) = ShortString::try_new(reply_to)
     {
         let mut h = FieldTable::default();
@@ -334,6 +390,8 @@ fn dead_letter(
         disposition: Disposition::DeadLetter,
         publications,
         reason: Some(reason),
+        denied: None,
+        stripped_headers: 0,
     }
 }
 
@@ -342,12 +400,13 @@ fn outputs(
     plugin: PluginStamp<'_>,
     env: &Envelope,
     outs: Vec<Outgoing>,
+    stripped: &mut u64,
 ) -> Result<Vec<Publication>, String> {
     outs.into_iter()
         .map(|o| {
             let mut headers = FieldTable::default();
+            text_headers(&mut headers, o.headers, env, stripped)?;
             stamp(&mut headers, info, plugin, env);
-            text_headers(&mut headers, o.headers)?;
             let mut properties = BasicProperties::default()
                 .with_headers(headers)
                 .with_delivery_mode(PERSISTENT);
@@ -474,7 +533,8 @@ fn fit(props: BasicProperties, frame_max: u32) -> BasicProperties {
     props.with_headers(headers)
 }
 
-/// Provenance headers on everything a plugin produces; `traceparent` is carried over.
+/// Provenance headers on everything a plugin produces; `traceparent` is
+/// carried over. Set after the plugin's headers, so warren's win.
 fn stamp(headers: &mut FieldTable, info: &PipelineInfo, plugin: PluginStamp<'_>, env: &Envelope) {
     set_text(headers, header::PIPELINE.into(), &info.name);
     set_text(headers, header::PLUGIN.into(), plugin.name);
@@ -484,9 +544,25 @@ fn stamp(headers: &mut FieldTable, info: &PipelineInfo, plugin: PluginStamp<'_>,
     }
 }
 
-/// Plugin-provided headers; they may override the stamp (e.g. a new traceparent).
-fn text_headers(table: &mut FieldTable, headers: Vec<(String, String)>) -> Result<(), String> {
+/// Plugin-provided headers, without the ones warren does not let a plugin
+/// set (counted in `stripped`): any `x-warren-*` (consumers and `warren dlq`
+/// trust them as warren's bookkeeping), and `traceparent` when the delivery
+/// has one that warren carries over (a trace must not be re-parented by the
+/// code it traces). Names are compared ignoring case, as consumers that read
+/// them loosely would.
+fn text_headers(
+    table: &mut FieldTable,
+    headers: Vec<(String, String)>,
+    env: &Envelope,
+    stripped: &mut u64,
+) -> Result<(), String> {
+    let traced = env.header(header::TRACEPARENT).is_some();
     for (k, v) in headers {
+        let lower = k.to_ascii_lowercase();
+        if lower.starts_with("x-warren-") || (traced && lower == header::TRACEPARENT) {
+            *stripped = stripped.saturating_add(1);
+            continue;
+        }
         let name = short(k, "header name")?;
         set_text(table, name, &v);
     }
@@ -559,6 +635,7 @@ mod tests {
                 max_delay_ms: 400,
                 jitter: 0.0,
             }),
+            policy: Arc::new(PublishPolicy::default()),
         }
     }
 
@@ -636,18 +713,178 @@ mod tests {
         );
     }
 
+    /// `info()` with the policy of a pipeline `p` on queue `q` configured with
+    /// `extra` (keys, then `[[pipeline.output]]` entries).
+    #[allow(clippy::expect_used)] // a broken fixture should fail the test loudly
+    fn info_with(extra: &str) -> PipelineInfo {
+        let text =
+            format!("[[pipeline]]\nname = \"p\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}");
+        let c = crate::config::Config::parse(&text, std::path::Path::new("."))
+            .expect("a valid test configuration");
+        PipelineInfo {
+            policy: Arc::new(PublishPolicy::new(&c.pipelines[0], &c.pipelines)),
+            ..info()
+        }
+    }
+
+    fn output(exchange: &str, routing_key: &str, headers: &[(&str, &str)]) -> Outgoing {
+        Outgoing {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            body: b"out".to_vec(),
+            content_type: None,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_denied_output_sends_nothing_and_dead_letters_with_the_rule() {
+        let info = info_with(
+            "[[pipeline.output]]\nexchange = \"n\"\ntype = \"topic\"\nrouting_keys = [\"notify.*\"]\n",
+        );
+        let props = BasicProperties::default()
+            .with_reply_to("caller".into())
+            .with_correlation_id("c1".into());
+        let outcome = Outcome::Publish(vec![
+            output("n", "notify.email", &[]),
+            output("n", "alert.email", &[]),
+        ]);
+        let plan = decide(
+            &info,
+            STAMP,
+            &env(props, 1),
+            b"in".to_vec(),
+            Ok(outcome),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::DeadLetter);
+        assert_eq!(plan.denied, Some(DenyKind::Publish));
+        // The DLQ copy and the caller's error reply; neither output.
+        assert_eq!(plan.publications.len(), 2);
+        assert_eq!(plan.publications[0].routing_key.as_str(), "q.dlq");
+        assert_eq!(plan.publications[1].role, Role::Reply);
+        let reason = header_of(&plan.publications[0], header::REASON).unwrap_or_default();
+        assert!(
+            reason.contains("\"n\"")
+                && reason.contains("\"alert.email\"")
+                && reason.contains("notify.*"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_reply_to_a_managed_queue_is_never_written() {
+        let info = info_with("");
+        let props = BasicProperties::default()
+            .with_reply_to("q.dlq".into())
+            .with_correlation_id("c1".into());
+        let reply = Outcome::Reply(RpcReply {
+            body: b"answer".to_vec(),
+            content_type: None,
+            headers: vec![],
+            publish: vec![],
+        });
+        let plan = decide(
+            &info,
+            STAMP,
+            &env(props.clone(), 1),
+            b"in".to_vec(),
+            Ok(reply),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::DeadLetter);
+        assert_eq!(plan.denied, Some(DenyKind::Reply));
+        assert_eq!(plan.publications.len(), 1, "no error reply into the DLQ");
+        assert_eq!(plan.publications[0].role, Role::Copy);
+        assert_eq!(plan.publications[0].routing_key.as_str(), "q.dlq");
+        let reason = header_of(&plan.publications[0], header::REASON).unwrap_or_default();
+        assert!(reason.contains("reply_to \"q.dlq\""), "{reason}");
+
+        // A plugin's own dead letter sends no error reply there either.
+        let plan = decide(
+            &info,
+            STAMP,
+            &env(props, 1),
+            b"in".to_vec(),
+            Ok(Outcome::DeadLetter("bad".into())),
+            at(),
+        );
+        assert_eq!(plan.publications.len(), 1);
+        assert_eq!(plan.denied, None);
+    }
+
+    #[test]
+    fn warren_headers_win_over_the_plugins() {
+        let info = info_with("[[pipeline.output]]\nqueues = [\"out\"]\n");
+        let mut h = FieldTable::default();
+        set_text(&mut h, header::TRACEPARENT.into(), "00-trace-span-01");
+        let outcome = Outcome::Publish(vec![output(
+            "",
+            "out",
+            &[
+                ("x-warren-pipeline", "forged"),
+                ("X-Warren-Plugin-Version", "forged"),
+                ("x-warren-error", "forged"),
+                ("traceparent", "00-other-span-01"),
+                ("x-mine", "kept"),
+            ],
+        )]);
+        let plan = decide(
+            &info,
+            STAMP,
+            &env(BasicProperties::default().with_headers(h), 1),
+            vec![],
+            Ok(outcome),
+            at(),
+        );
+        assert_eq!(plan.disposition, Disposition::Publish);
+        assert_eq!(plan.stripped_headers, 4);
+        let out = &plan.publications[0];
+        assert_eq!(header_of(out, header::PIPELINE).as_deref(), Some("p"));
+        assert_eq!(
+            header_of(out, header::PLUGIN_VERSION).as_deref(),
+            Some("0123456789ab")
+        );
+        assert_eq!(header_of(out, "X-Warren-Plugin-Version"), None);
+        assert_eq!(header_of(out, header::ERROR), None);
+        assert_eq!(
+            header_of(out, header::TRACEPARENT).as_deref(),
+            Some("00-trace-span-01")
+        );
+        assert_eq!(header_of(out, "x-mine").as_deref(), Some("kept"));
+
+        // Without a traceparent to carry over, the plugin may start a trace.
+        let outcome = Outcome::Publish(vec![output("", "out", &[("traceparent", "00-new-01")])]);
+        let plan = decide(
+            &info,
+            STAMP,
+            &env(BasicProperties::default(), 1),
+            vec![],
+            Ok(outcome),
+            at(),
+        );
+        assert_eq!(plan.stripped_headers, 0);
+        assert_eq!(
+            header_of(&plan.publications[0], header::TRACEPARENT).as_deref(),
+            Some("00-new-01")
+        );
+    }
+
     #[test]
     fn names_amqp_cannot_carry_dead_letter_instead_of_panicking() {
         let long = "k".repeat(300);
         let outcome = Outcome::Publish(vec![Outgoing {
             exchange: String::new(),
-            routing_key: long,
+            routing_key: "out".into(),
             body: vec![],
-            content_type: None,
+            content_type: Some(long),
             headers: vec![],
         }]);
         let plan = decide(
-            &info(),
+            &info_with("[[pipeline.output]]\nqueues = [\"out\"]\n"),
             STAMP,
             &env(BasicProperties::default(), 1),
             vec![],
@@ -656,7 +893,7 @@ mod tests {
         );
         assert_eq!(plan.disposition, Disposition::DeadLetter);
         let reason = header_of(&plan.publications[0], header::REASON).unwrap_or_default();
-        assert!(reason.contains("routing key is 300 bytes"), "{reason}");
+        assert!(reason.contains("content type is 300 bytes"), "{reason}");
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! * [`dlq`]: `warren dlq`, reading, moving and purging dead letters.
 //! * this file: starting and stopping it all ([`start`], [`run`], [`Running`]).
 
+pub mod allow;
 pub mod broker;
 pub mod budget;
 pub mod config;
@@ -53,6 +54,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod retry;
 pub mod runtime;
+pub mod secret;
 pub mod suspects;
 
 use std::future::Future;
@@ -253,7 +255,8 @@ pub async fn start(config: Config) -> Result<Running> {
             tasks.push(tokio::spawn(r.clone().run(stop_rx.clone())));
             reloaders.push(r);
         }
-        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm.clone()));
+        let policy = allow::PublishPolicy::new(p, &config.pipelines);
+        let pipeline = Arc::new(Pipeline::new(p.clone(), slot, pm.clone(), policy));
         tasks.push(tokio::spawn(report_panic(
             pm,
             pipeline.supervise(config.broker.clone(), first_delay, grace, stop_rx.clone()),

@@ -20,7 +20,6 @@
 //! on the thread that received it, the async side is not involved at all for
 //! a plain ack, and one pipeline's calls never wait for another's threads.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -39,6 +38,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, Level, field};
 
+use crate::allow::{DenyKind, PublishPolicy};
 use crate::broker::{self, KnownExchanges, Publisher, SettleGuard, Settler};
 use crate::budget::Budget;
 use crate::config::{BrokerConfig, PipelineConfig};
@@ -50,6 +50,7 @@ use crate::ops::PipelineMetrics;
 use crate::plugins::{LoadedPlugin, PluginSlot};
 use crate::retry::RetryTiers;
 use crate::runtime::{InvokeLimits, Outcome, PluginFailure};
+use crate::secret::PluginSettings;
 use crate::suspects::{self, Ledger};
 
 /// An event about one message (`$about`) of pipeline `$p`, carrying the fields
@@ -103,7 +104,7 @@ pub struct Pipeline {
     pub info: PipelineInfo,
     pub slot: Arc<PluginSlot>,
     pub metrics: Arc<PipelineMetrics>,
-    plugin_config: Arc<BTreeMap<String, String>>,
+    plugin_config: PluginSettings,
     limits: InvokeLimits,
     /// Outbound HTTP granted by `[pipeline.http]`; `None` denies every request.
     http: Option<Arc<crate::outbound::HttpPolicy>>,
@@ -121,17 +122,20 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Assemble a pipeline around an already loaded plugin.
+    /// Assemble a pipeline around an already loaded plugin; `policy` says
+    /// where its outputs and replies may go.
     pub fn new(
         config: PipelineConfig,
         slot: Arc<PluginSlot>,
         metrics: Arc<PipelineMetrics>,
+        policy: PublishPolicy,
     ) -> Self {
         let info = PipelineInfo {
             name: config.name.as_str().into(),
             queue: config.queue.clone(),
             dlq: config.dlq_name(),
             tiers: RetryTiers::new(&config.retry),
+            policy: Arc::new(policy),
         };
         let limits = InvokeLimits {
             timeout: config.limits.timeout(),
@@ -180,7 +184,7 @@ impl Pipeline {
             Some(Arc::new(policy))
         };
         Self {
-            plugin_config: Arc::new(config.config.clone()),
+            plugin_config: PluginSettings::new(&config.config),
             config,
             info,
             slot,
@@ -1160,7 +1164,7 @@ impl Work {
         let message = env.to_message(delivery.data);
         let invocation = plugin.invoke_with_http(
             &message,
-            p.plugin_config.clone(),
+            p.plugin_config.shared(),
             p.info.name.clone(),
             p.limits,
             p.http.clone(),
@@ -1288,6 +1292,15 @@ impl Work {
                 "the plugin returned {bytes} bytes of output bodies; limits.max_output_mib allows {} MiB",
                 limits.max_output_mib
             )));
+        }
+        // The allow-list comes first: an output it denies is never looked up
+        // on the broker (`decide` dead-letters the message with the reason).
+        let policy = &self.pipeline.info.policy;
+        if outs
+            .iter()
+            .any(|o| policy.output(&o.exchange, &o.routing_key).is_err())
+        {
+            return result;
         }
         for o in outs {
             if self.exchanges.known(&o.exchange) {
@@ -1428,7 +1441,19 @@ impl Pipeline {
     /// Record a delivery whose effects are all confirmed (it is acked next).
     fn settled(&self, plan: &Plan, about: &About) {
         tracing::Span::current().record("outcome", plan.disposition.label());
-        if let Some(reason) = &plan.reason {
+        if plan.stripped_headers > 0 {
+            self.metrics.denied(DenyKind::Header, plan.stripped_headers);
+        }
+        if let Some(kind) = plan.denied {
+            self.metrics.denied(kind, 1);
+            message_event!(
+                Level::WARN,
+                self,
+                about,
+                reason = %Escaped(plan.reason.as_deref().unwrap_or_default()),
+                "denied by the pipeline's allow-list; dead-lettered"
+            );
+        } else if let Some(reason) = &plan.reason {
             message_event!(
                 Level::INFO,
                 self,

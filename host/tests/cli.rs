@@ -195,7 +195,19 @@ fn check_rejects_what_run_cannot_serve_naming_the_field() {
         (
             "output-default-exchange",
             pipeline_x("[[pipeline.output]]\nexchange = \"\""),
-            vec!["pipeline \"x\"", "output exchange must not be empty"],
+            vec![
+                "pipeline \"x\"",
+                "an output needs an exchange, or queues = [...]",
+            ],
+        ),
+        (
+            "output-to-a-dlq",
+            pipeline_x("[[pipeline.output]]\nqueues = [\"q.dlq\"]"),
+            vec![
+                "pipeline \"x\"",
+                "output queue \"q.dlq\"",
+                "a dead-letter queue (<queue>.dlq), which warren manages",
+            ],
         ),
         (
             "exchange-types",
@@ -310,7 +322,13 @@ struct Running {
 
 impl Running {
     fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        Self::start_with(config, &[])
+    }
+
+    /// Start with extra environment variables (they override the defaults).
+    fn start_with(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"));
+        child
             .args(["run", "--config", config.to_str().unwrap()])
             .env(
                 "WARREN_CACHE_DIR",
@@ -318,7 +336,11 @@ impl Running {
             )
             .env_remove("WARREN_BROKER_URL")
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            child.env(k, v);
+        }
+        let mut child = child
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -586,4 +608,174 @@ fn a_second_signal_during_the_drain_exits_at_once_and_the_broker_redelivers() {
                 .await;
         }
     });
+}
+
+/// A pipeline of the probe plugin whose config `token` is the secret in
+/// environment variable `var`.
+fn secret_config(name: &str, var: &str, queue: &str, ops: &str) -> PathBuf {
+    temp_config(
+        name,
+        &format!(
+            "[broker]\nurl = {:?}\nreconnect_delay_ms = 100\n[ops]\nlisten = {ops:?}\n\
+             [[pipeline]]\nname = \"vault\"\nqueue = {queue:?}\nqueue_type = \"classic\"\n\
+             plugin = {:?}\n[pipeline.retry]\nmax_attempts = 1\n\
+             [pipeline.config]\ntoken = {{ env = {var:?} }}\nplain = \"visible\"\n",
+            broker_url(),
+            plugin("probe").display().to_string()
+        ),
+    )
+}
+
+#[test]
+fn check_needs_every_secret_and_never_shows_one() {
+    let var = "WARREN_CLI_TEST_SECRET_TOKEN";
+    let secret = format!("s3cr3t-{}", unique("check"));
+    let cfg = secret_config("secret-check", var, &unique("secret-check"), "");
+    let run = |value: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+        cmd.args(["check", "--config", cfg.to_str().unwrap()])
+            .env(
+                "WARREN_CACHE_DIR",
+                std::env::temp_dir().join("warren-cli-test-cache"),
+            )
+            .env_remove("WARREN_BROKER_URL")
+            .env("RUST_LOG", "trace");
+        match value {
+            Some(v) => cmd.env(var, v),
+            None => cmd.env_remove(var),
+        };
+        let out = cmd.output().expect("running warren check");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, all)
+    };
+    let (status, all) = run(Some(&secret));
+    assert!(status.success(), "{all}");
+    assert!(all.contains("configuration valid"), "{all}");
+    assert!(!all.contains(&secret), "the secret was shown:\n{all}");
+
+    let (status, all) = run(None);
+    assert!(!status.success(), "{all}");
+    assert!(
+        all.contains("pipeline \"vault\"")
+            && all.contains("config.token")
+            && all.contains(&format!("environment variable {var} is not set")),
+        "{all}"
+    );
+    let (status, all) = run(Some(""));
+    assert!(!status.success() && all.contains("is empty"), "{all}");
+}
+
+#[test]
+fn run_keeps_secrets_out_of_logs_and_the_ops_endpoint() {
+    let var = "WARREN_CLI_TEST_SECRET_TOKEN";
+    let secret = format!("s3cr3t-{}", unique("run"));
+    let queue = unique("secret-run");
+    let port = free_port();
+    let cfg = secret_config("secret-run", var, &queue, &format!("127.0.0.1:{port}"));
+    // Debug logging: every line warren can write about a message.
+    let mut warren =
+        Running::start_with(&cfg, &[(var, &secret), ("RUST_LOG", "info,warren=debug")]);
+    warren.wait_for("consuming pipeline=vault", Duration::from_secs(60));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let replies = format!("{queue}.replies");
+    let answer = rt.block_on(async {
+        let conn =
+            lapin::Connection::connect(&broker_url(), lapin::ConnectionProperties::default())
+                .await
+                .expect("connecting to the test broker");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                replies.as_str().into(),
+                lapin::options::QueueDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        // The plugin reads the secret (and answers with it, as a plugin may);
+        // the other messages fail in every way warren logs.
+        let messages: [(&[u8], Option<&str>); 4] = [
+            (b"config token", Some(replies.as_str())),
+            (b"config token", None),
+            (b"trap", None),
+            (b"retry again", None),
+        ];
+        for (body, reply_to) in messages {
+            let mut props = lapin::BasicProperties::default();
+            if let Some(r) = reply_to {
+                props = props.with_reply_to(r.into());
+            }
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(confirm.is_ack());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = channel
+                .basic_get(
+                    replies.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap();
+            if let Some(m) = got {
+                break String::from_utf8_lossy(&m.delivery.data).into_owned();
+            }
+            assert!(Instant::now() < deadline, "no reply from the plugin");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert_eq!(answer, secret, "the plugin gets the secret's value");
+
+    // All four settled: one reply, three dead letters.
+    let settled = "warren_messages_total{pipeline=\"vault\",outcome=\"dead_letter\"} 3";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let m = http_get(port, "/metrics").unwrap_or_default();
+        if m.contains(settled) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "not settled:\n{m}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ready = http_get(port, "/healthz/ready").unwrap_or_default();
+    assert!(ready.contains("vault"), "{ready}");
+    for (what, text) in [("/metrics", &metrics), ("/healthz/ready", &ready)] {
+        assert!(!text.contains(&secret), "the secret is in {what}:\n{text}");
+    }
+
+    warren.signal("TERM");
+    assert_eq!(warren.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    // Everything warren wrote, to the last line.
+    while let Ok(line) = warren.lines.recv_timeout(Duration::from_secs(5)) {
+        warren.seen.push(line);
+    }
+    let log = warren.seen.join("\n");
+    assert!(
+        log.contains("plugin trapped") || log.contains("trap"),
+        "{log}"
+    );
+    assert!(!log.contains(&secret), "the secret is in the log:\n{log}");
 }

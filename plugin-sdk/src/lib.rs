@@ -178,6 +178,11 @@ impl Message {
 impl Outgoing {
     /// A message for `exchange` (`""` is the default exchange, which routes to the
     /// queue named by `routing_key`) with no content type and no headers.
+    ///
+    /// warren publishes it only where the pipeline's `[[pipeline.output]]`
+    /// entries allow (an exchange and its `routing_keys`, or a queue listed in
+    /// `queues` for the default exchange); anything else dead-letters the
+    /// message. Headers named `x-warren-*` are warren's and are dropped.
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,

@@ -167,7 +167,7 @@ async fn the_loss_of_the_node_warren_uses_loses_no_message() -> anyhow::Result<(
     let text = format!(
         "[broker]\nurls = [{list}]\nreconnect_delay_ms = 100\n[ops]\nlisten = \"\"\n\
          [[pipeline]]\nname = \"loss\"\nqueue = {q:?}\nplugin = {}\nquorum_initial_group_size = 3\n\
-         [pipeline.config]\nrouting_key = {out:?}\n",
+         [[pipeline.output]]\nqueues = [{out:?}]\n[pipeline.config]\nrouting_key = {out:?}\n",
         toml_path(&plugin("republish"))
     );
     let config = Config::parse(&text, Path::new("."))?;

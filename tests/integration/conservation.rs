@@ -8,14 +8,17 @@ use lapin::BasicProperties;
 use warren::disposition::Disposition;
 use warren_tests::{Client, RpcClient, config, eventually, header, start, text, unique};
 
-use crate::pipeline;
+use crate::{output_queue, pipeline};
 
 #[tokio::test]
 async fn every_message_ends_up_in_exactly_one_place() -> anyhow::Result<()> {
     let q = unique("conserve");
     let out = unique("conserve-out");
-    let extra = "concurrency = 4\nprefetch = 32\n[pipeline.retry]\nmax_attempts = 1\n[pipeline.limits]\ntimeout_ms = 200\n";
-    let warren = start(config(&pipeline("conserve", &q, "probe", extra))?).await?;
+    let extra = format!(
+        "concurrency = 4\nprefetch = 32\n[pipeline.retry]\nmax_attempts = 1\n[pipeline.limits]\ntimeout_ms = 200\n{}",
+        output_queue(&out)
+    );
+    let warren = start(config(&pipeline("conserve", &q, "probe", &extra))?).await?;
     let client = Client::connect().await?;
     client.declare_queue(&out).await?;
     let mut rpc = RpcClient::connect().await?;

@@ -65,8 +65,10 @@ async fn a_rate_limit_holds_within_ten_percent_and_leaves_a_neighbour_alone() ->
     // 20/s: far below what any machine running the tests handles, so the
     // measured rate is the limiter's, not the CPU's.
     const LIMIT: f64 = 20.0;
-    let (q, out) = (unique("ratelimit"), unique("ratelimit.out"));
-    let (nq, nout) = (unique("neighbour"), unique("neighbour.out"));
+    let q = unique("ratelimit");
+    let out = format!("{q}.out");
+    let nq = unique("neighbour");
+    let nout = format!("{nq}.out");
     let client = Client::connect().await?;
     client.declare_queue(&out).await?;
     client.declare_queue(&nout).await?;
@@ -133,7 +135,8 @@ async fn a_rate_limit_holds_within_ten_percent_and_leaves_a_neighbour_alone() ->
 #[tokio::test]
 async fn a_cluster_scoped_rate_limit_is_shared_by_the_queues_consumers() -> anyhow::Result<()> {
     const LIMIT: f64 = 20.0;
-    let (q, out) = (unique("ratelimit.cluster"), unique("ratelimit.cluster.out"));
+    let q = unique("ratelimit.cluster");
+    let out = format!("{q}.out");
     let client = Client::connect().await?;
     client.declare_queue(&out).await?;
     // No slow start (max_in_flight_mb = 0): both replicas have their whole
@@ -208,8 +211,10 @@ async fn swap_plugin(
 #[tokio::test]
 async fn the_circuit_breaker_parks_work_during_an_outage_and_resumes_after_it() -> anyhow::Result<()>
 {
-    let (q, out) = (unique("breaker"), unique("breaker.out"));
-    let (nq, nout) = (unique("breaker.neighbour"), unique("breaker.neighbour.out"));
+    let q = unique("breaker");
+    let out = format!("{q}.out");
+    let nq = unique("breaker.neighbour");
+    let nout = format!("{nq}.out");
     let dir: PathBuf = std::env::temp_dir().join(unique("breaker"));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("service.wasm");

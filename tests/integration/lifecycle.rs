@@ -7,7 +7,7 @@ use std::time::Duration;
 use warren::disposition::Disposition;
 use warren_tests::{Client, config, eventually, kill_connections, start, text, unique};
 
-use crate::pipeline;
+use crate::{output_queue, pipeline};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -16,7 +16,8 @@ async fn a_lost_connection_is_recovered_without_losing_messages() -> anyhow::Res
     let q = unique("recover");
     let out = unique("recover-out");
     let name = unique("recover-pipeline");
-    let warren = start(config(&pipeline(&name, &q, "probe", "concurrency = 2\n"))?).await?;
+    let extra = format!("concurrency = 2\n{}", output_queue(&out));
+    let warren = start(config(&pipeline(&name, &q, "probe", &extra))?).await?;
     let client = Client::connect().await?;
     client.declare_queue(&out).await?;
     let m = warren.metrics().pipeline(&name).expect("pipeline metrics");

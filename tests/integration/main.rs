@@ -5,6 +5,7 @@
 // A failed expectation in a test should panic with its message: that is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod allowlist;
 mod cache;
 mod cluster;
 mod config_errors;
@@ -29,7 +30,9 @@ use std::path::Path;
 use warren_tests::{plugin, toml_path};
 
 /// `[[pipeline]]` TOML for `plugin_name` on `queue`; `extra` is appended inside
-/// the pipeline (keys first, then sub-tables).
+/// the pipeline (keys first, then sub-tables). The plugin may publish to
+/// `<queue>.out` through the default exchange, where the test plugins
+/// (`tag_a`, `tag_b`, `republish`) publish unless configured otherwise.
 pub fn pipeline(name: &str, queue: &str, plugin_name: &str, extra: &str) -> String {
     pipeline_at(name, queue, &plugin(plugin_name), extra)
 }
@@ -37,9 +40,17 @@ pub fn pipeline(name: &str, queue: &str, plugin_name: &str, extra: &str) -> Stri
 /// Same, with an explicit plugin path.
 pub fn pipeline_at(name: &str, queue: &str, plugin: &Path, extra: &str) -> String {
     format!(
-        "[[pipeline]]\nname = {name:?}\nqueue = {queue:?}\nplugin = {}\n{extra}\n",
-        toml_path(plugin)
+        "[[pipeline]]\nname = {name:?}\nqueue = {queue:?}\nplugin = {}\n{extra}\n\
+         [[pipeline.output]]\nqueues = [{:?}]\n",
+        toml_path(plugin),
+        format!("{queue}.out")
     )
+}
+
+/// A `[[pipeline.output]]` entry that lets the plugin publish to `queue`
+/// through the default exchange.
+pub fn output_queue(queue: &str) -> String {
+    format!("[[pipeline.output]]\nqueues = [{queue:?}]\n")
 }
 
 /// Short retry policy so tests do not wait for the production backoff.

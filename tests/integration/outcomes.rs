@@ -6,7 +6,7 @@ use lapin::BasicProperties;
 use warren::disposition::Disposition;
 use warren_tests::{Client, RpcClient, config, eventually, header, start, text, unique};
 
-use crate::{FAST_RETRY, pipeline};
+use crate::{FAST_RETRY, output_queue, pipeline};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -14,7 +14,8 @@ const WAIT: Duration = Duration::from_secs(15);
 async fn every_outcome_kind_reaches_the_broker() -> anyhow::Result<()> {
     let q = unique("outcomes");
     let out = unique("outcomes-out");
-    let warren = start(config(&pipeline("outcomes", &q, "probe", FAST_RETRY))?).await?;
+    let extra = format!("{FAST_RETRY}{}", output_queue(&out));
+    let warren = start(config(&pipeline("outcomes", &q, "probe", &extra))?).await?;
     let client = Client::connect().await?;
     client.declare_queue(&out).await?;
     let m = warren

@@ -76,7 +76,7 @@ async fn a_pipeline_consumes_and_publishes_over_tls() -> anyhow::Result<()> {
     let warren = start(config_for(
         &url,
         &format!("ca_file = {}", toml_path(&ca)),
-        &pipeline(&name, &q, "probe", ""),
+        &pipeline(&name, &q, "probe", &crate::output_queue(&out)),
     )?)
     .await?;
     let m = warren

@@ -68,10 +68,12 @@ async fn measure(opts: &Options, cache: bool) -> Result<Vec<f64>> {
     };
     let pipeline = format!(
         "[[pipeline]]\nname = {name:?}\nqueue = {name:?}\nplugin = {}\nreload = true\n\
-         queue_type = {:?}\nprefetch = 64\nconcurrency = {}\n",
+         queue_type = {:?}\nprefetch = 64\nconcurrency = {}\n\
+         [[pipeline.output]]\nqueues = [{:?}]\n",
         toml_path(&file),
         opts.queue_type,
-        opts.concurrency
+        opts.concurrency,
+        format!("{name}.out")
     );
     let text = setup::config_toml(opts, None, &runtime, &pipeline);
     let config = warren::config::Config::parse(&text, std::path::Path::new("."))?;

@@ -90,7 +90,8 @@ pub async fn declare(channel: &Channel, p: &PipelineConfig, tiers: &RetryTiers) 
                 })?;
         }
     }
-    for o in &p.outputs {
+    // An entry of `queues` names the default exchange, which is never declared.
+    for o in p.outputs.iter().filter(|o| !o.exchange.is_empty()) {
         exchange(channel, &o.exchange, o.kind).await?;
     }
     Ok(())
@@ -182,7 +183,14 @@ impl KnownExchanges {
         let known = BUILT_IN
             .iter()
             .map(|x| x.to_string())
-            .chain(p.outputs.iter().map(|o| o.exchange.clone()))
+            // An `amq.*` output is not declared (clients may not), so it is
+            // known only if it is one of the built-in ones or once verified.
+            .chain(
+                p.outputs
+                    .iter()
+                    .filter(|o| !o.exchange.starts_with("amq."))
+                    .map(|o| o.exchange.clone()),
+            )
             .chain(p.bindings.iter().map(|b| b.exchange.clone()))
             .collect();
         Self {

@@ -26,6 +26,32 @@ pub use crate::runtime::FailureKind;
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
+/// What was refused; a metric label (`warren_denied_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyKind {
+    /// A plugin output to an exchange, routing key or queue not listed.
+    Publish,
+    /// A reply to a `reply_to` that is not allowed.
+    Reply,
+    /// A plugin header warren does not let plugins set (`x-warren-*`, or a
+    /// `traceparent` warren propagates); removed, the message goes on.
+    Header,
+}
+
+impl DenyKind {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Reply => "reply",
+            Self::Header => "header",
+        }
+    }
+
+    /// All values, for metric pre-registration.
+    pub const ALL: [DenyKind; 3] = [Self::Publish, Self::Reply, Self::Header];
+}
+
 /// Buckets (seconds) of one plugin call: 100 µs to 30 s.
 const HANDLE_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -106,6 +132,8 @@ pub struct PipelineMetrics {
     /// Times a missing queue of the pipeline (its DLQ, a retry tier) was
     /// declared again because a copy could not be routed to it.
     pub topology_repairs: AtomicU64,
+    /// Outputs, replies and headers the allow-list refused, by `DenyKind`.
+    denied: [AtomicU64; 3],
     /// Why the broker blocked the connection (a resource alarm), while it does.
     blocked: RwLock<Option<String>>,
     blocked_now: AtomicBool,
@@ -141,6 +169,21 @@ impl PipelineMetrics {
         if let Some(c) = self.failures.get(kind.index()) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Count `n` refusals of the allow-list.
+    pub fn denied(&self, kind: DenyKind, n: u64) {
+        if let Some(i) = DenyKind::ALL.iter().position(|k| *k == kind) {
+            self.denied[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals of this kind so far.
+    pub fn denied_count(&self, kind: DenyKind) -> u64 {
+        DenyKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.denied[i].load(Ordering::Relaxed))
     }
 
     /// Plugin failures of this kind so far.
@@ -584,6 +627,18 @@ impl Collector for Scrape {
             |p| one(count(&p.topology_repairs)),
         )?;
         super::outbound::encode(&self.0, &mut enc)?;
+        self.family(
+            &mut enc,
+            "warren_denied",
+            "What the publish allow-list refused: outputs (publish), replies (reply) and plugin headers removed (header).",
+            Counter,
+            |p| {
+                DenyKind::ALL
+                    .iter()
+                    .map(|k| (Some(("kind", k.label())), Value::Counter(p.denied_count(*k))))
+                    .collect()
+            },
+        )?;
         self.family(
             &mut enc,
             "warren_rate_limited_seconds",

@@ -8,5 +8,5 @@ mod outbound;
 
 pub use downstream::DownstreamMetrics;
 pub use http::serve;
-pub use metrics::{FailureKind, Metrics, PipelineMetrics};
+pub use metrics::{DenyKind, FailureKind, Metrics, PipelineMetrics};
 pub use outbound::HttpMetrics;

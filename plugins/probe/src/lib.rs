@@ -10,6 +10,7 @@
 //! | `ack` | ack |
 //! | `publish <exchange> <routing_key> <body...>` | one publish, header `x-probe: 1` |
 //! | `publish-many <exchange> <routing_key> <n>` | n publishes, bodies `0`..`n-1` |
+//! | `publish-headers <exchange> <routing_key> <name>=<value>;...` | one publish of body `headers` with those headers |
 //! | `reply <text>` | reply |
 //! | `reply-publish <exchange> <routing_key> <text>` | reply plus one publish of `<text>` |
 //! | `retry <reason>` | retry with the pipeline's backoff |
@@ -74,6 +75,17 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
                     .map(|i| Outgoing::new(exchange, key, i.to_string()))
                     .collect::<Vec<_>>(),
             )
+        }
+        "publish-headers" => {
+            let [exchange, key, pairs] = split3(args)?;
+            let mut out = Outgoing::new(exchange, key, "headers");
+            for pair in pairs.split(';').filter(|p| !p.is_empty()) {
+                let (name, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("expected <name>=<value>, got {pair:?}"))?;
+                out = out.header(name, value);
+            }
+            Outcome::publish([out])
         }
         "reply" => Outcome::reply(args),
         "reply-publish" => {
