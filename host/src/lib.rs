@@ -10,26 +10,34 @@
 //!
 //! # Layout
 //!
-//! Each module uses only modules listed before it (no cycles):
+//! Roughly from the bottom up:
 //!
 //! * [`logtext`]: producer and plugin text escaped for log lines; broker URLs
 //!   without their password.
 //! * [`retry`]: the retry policy and its tiers of delay queues.
 //! * [`budget`]: `max_in_flight_mb`, the prefetch that fits the largest body.
 //! * [`suspects`]: poison messages, charged with the deaths of sessions.
+//! * [`secret`]: `[pipeline.config]` values read from the environment, never
+//!   printed.
 //! * [`runtime`]: the wasmtime engine, the generated bindings of the WIT
 //!   contract, per-call limits (`runtime::engine`, `runtime::state`) and one
 //!   call of a plugin (`runtime::invoke`).
+//! * [`outbound`]: plugins' HTTP requests (wasi:http) under the pipeline's
+//!   allow-list: rules, address checks, the connection.
 //! * [`envelope`]: a delivery's properties and warren's bookkeeping headers,
 //!   and their wire sizes.
+//! * [`allow`]: the publish allow-list: where a plugin's outputs and replies
+//!   may go.
 //! * [`disposition`]: outcome -> broker actions; the one place that decides
 //!   ack, retry or dead-letter.
-//! * [`ops`]: per-pipeline metrics and readiness (`metrics`) and the HTTP
-//!   endpoint serving them (`http`).
+//! * [`ops`]: per-pipeline metrics and readiness (`metrics`, with the state
+//!   of the rate limit, breaker and HTTP in `downstream` and `outbound`) and
+//!   the HTTP endpoint serving them (`http`).
 //! * [`plugins`]: loading a plugin file (`loader`), the compiled-code cache
 //!   (`cache`), reading the file safely (`file`), the memory-limit check
 //!   (`limits`), the swappable current version (`slot`), watching paths
 //!   (`watch`) and hot reload (`reload`).
+//! * [`downstream`]: the rate limit and the circuit breaker.
 //! * [`config`]: the configuration file, its defaults and its validation
 //!   (what `warren check` rejects).
 //! * [`broker`]: connecting, declaring the topology (`topology`), publishing
@@ -37,6 +45,12 @@
 //! * [`pipeline`]: one pipeline: the reconnecting supervisor, the consumer,
 //!   the worker threads and the handling of one message.
 //! * [`dlq`]: `warren dlq`, reading, moving and purging dead letters.
+//!
+//! Not yet a strict order: `config` embeds the settings types that
+//! `downstream`, `outbound` and `allow` define and those read the config
+//! back, and `runtime` hands requests to `outbound`, whose counters live in
+//! `ops`, which names `runtime`'s failure kinds. Each of these is one type in
+//! the wrong place, not a tangle of calls.
 //! * this file: starting and stopping it all ([`start`], [`run`], [`Running`]).
 
 pub mod allow;
