@@ -836,25 +836,9 @@ impl Work {
             return;
         }
         let moved = async {
-            self.channel
-                .basic_qos(want, BasicQosOptions::default())
-                .await
-                .context("setting the prefetch")?;
-            let n = RESIZES.fetch_add(1, Ordering::Relaxed);
-            let tag: ShortString =
-                format!("warren-{}-{}-{n}", p.info.name, std::process::id()).into();
-            let consumer = self
-                .channel
-                .basic_consume(
-                    self.queue.clone(),
-                    tag.clone(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .context("consuming with the new prefetch")?;
-            *lock(&self.next_consumer) = Some(consumer);
-            let old = std::mem::replace(&mut *lock(&self.consumer_tag), tag.clone());
+            let (tag, old) = self
+                .start_consumer(want, "consuming with the new prefetch")
+                .await?;
             if self.stopping.load(Ordering::SeqCst) {
                 // The stop may have cancelled the old tag before it was
                 // replaced: the new consumer must not outlive it.
@@ -877,6 +861,37 @@ impl Work {
             tracing::warn!(pipeline = %p.info.name, error = %format!("{e:#}"), "could not change the prefetch");
         }
         self.resizing.store(false, Ordering::Relaxed);
+    }
+
+    /// Start a consumer with prefetch `want` beside the current one (`what`
+    /// names the move in errors), hand it to the workers as the next one and
+    /// make its tag current. Returns the new tag and the one it replaced; the
+    /// caller cancels the old consumer when its move calls for it.
+    async fn start_consumer(&self, want: u16, what: &str) -> Result<(ShortString, ShortString)> {
+        self.channel
+            .basic_qos(want, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch")?;
+        let n = RESIZES.fetch_add(1, Ordering::Relaxed);
+        let tag: ShortString = format!(
+            "warren-{}-{}-{n}",
+            self.pipeline.info.name,
+            std::process::id()
+        )
+        .into();
+        let consumer = self
+            .channel
+            .basic_consume(
+                self.queue.clone(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| what.to_string())?;
+        *lock(&self.next_consumer) = Some(consumer);
+        let old = std::mem::replace(&mut *lock(&self.consumer_tag), tag.clone());
+        Ok((tag, old))
     }
 
     /// The consumer ended while the breaker has it paused: wait for the one
@@ -997,24 +1012,9 @@ impl Work {
         if !paused && self.prefetch.load(Ordering::Relaxed) == want {
             return Ok(());
         }
-        self.channel
-            .basic_qos(want, BasicQosOptions::default())
-            .await
-            .context("setting the prefetch")?;
-        let n = RESIZES.fetch_add(1, Ordering::Relaxed);
-        let tag: ShortString = format!("warren-{}-{}-{n}", p.info.name, std::process::id()).into();
-        let consumer = self
-            .channel
-            .basic_consume(
-                self.queue.clone(),
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("consuming with the breaker's prefetch")?;
-        *lock(&self.next_consumer) = Some(consumer);
-        let old = std::mem::replace(&mut *lock(&self.consumer_tag), tag.clone());
+        let (tag, old) = self
+            .start_consumer(want, "consuming with the breaker's prefetch")
+            .await?;
         self.prefetch.store(want, Ordering::Relaxed);
         p.metrics.prefetch.store(u64::from(want), Ordering::Relaxed);
         self.paused.store(false, Ordering::SeqCst);
