@@ -7,7 +7,8 @@
 //! JSON format they were escaped already, and this only makes them readable.
 //!
 //! Also [`redact`]: broker URLs on their way into logs and errors, without
-//! their password.
+//! their password; and [`error_chain`]: an error and its causes, each said
+//! once.
 
 use std::fmt;
 
@@ -47,6 +48,24 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// An error and its causes, `: `-separated like `{:#}`, without the causes
+/// that only repeat what the text before them says: the AMQP library's errors
+/// print their source as part of their own message, so `{:#}` says it twice.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Escaped, redact};
@@ -68,5 +87,16 @@ mod tests {
             "bad input\\n2026-11-30T00:00:00Z  INFO warren: stopped\\u{1b}[2J\\tok ✓"
         );
         assert_eq!(Escaped("plain").to_string(), "plain");
+    }
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        let e = anyhow::anyhow!("ACCESS_REFUSED - Login was refused")
+            .context("protocol error: ACCESS_REFUSED - Login was refused")
+            .context("connecting to the broker");
+        assert_eq!(
+            super::error_chain(&e),
+            "connecting to the broker: protocol error: ACCESS_REFUSED - Login was refused"
+        );
     }
 }

@@ -185,7 +185,8 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: lapin's errors repeat their source in their text.
+            eprintln!("error: {}", warren::logtext::error_chain(&e));
             ExitCode::FAILURE
         }
     }
