@@ -1,15 +1,16 @@
 //! `warren dlq` against the real broker: messages parked by the probe plugin
 //! are summarised and shown without being moved or reordered, and redriven
 //! selectively, with the rest left in the DLQ in their order; purged
-//! selectively the same way.
+//! selectively the same way. And the on-call case: after a fixed plugin is
+//! deployed, only what the broken version parked goes back.
 
 use std::time::Duration;
 
 use warren::config::Config;
 use warren::dlq::{self, Purge, Redrive, Selection};
-use warren_tests::{Client, config, header, start, text, unique};
+use warren_tests::{Client, config, header, plugin, start, text, unique};
 
-use crate::{FAST_RETRY, pipeline};
+use crate::{FAST_RETRY, pipeline, pipeline_at};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -292,5 +293,70 @@ async fn purge_removes_only_the_selected_messages_and_keeps_the_rest_in_order() 
     let r = dlq::purge(&config.broker, p, &how, &mut |_| {}).await?;
     assert_eq!((r.read, r.removed), (2, 2));
     depth_reaches(&client, &format!("{q}.dlq"), 0).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_a_fix_is_deployed_only_what_the_old_version_parked_is_redriven() -> anyhow::Result<()>
+{
+    let q = unique("dlq-fix");
+    let out = format!("{q}.out");
+    let dir = std::env::temp_dir().join(unique("dlq-fix-plugin"));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("handler.wasm");
+    // The broken release: it traps on every message, which parks each one
+    // after its retries.
+    std::fs::copy(plugin("trap"), &file)?;
+    let extra = format!("queue_type = \"quorum\"\n{FAST_RETRY}");
+    let config = config(&pipeline_at(&unique("dlq-fix"), &q, &file, &extra))?;
+    let p = &config.pipelines[0];
+    let client = Client::connect().await?;
+    let dlq_name = format!("{q}.dlq");
+    client.declare_queue(&out).await?;
+
+    let warren = start(config.clone()).await?;
+    for i in 0..3 {
+        client
+            .send(&q, format!("publish - {out} fixed {i}").as_bytes())
+            .await?;
+    }
+    depth_reaches(&client, &dlq_name, 3).await?;
+    warren.shutdown().await;
+
+    // The fix: a plugin that does what the bodies say. It still parks what
+    // is really bad, and that must stay parked.
+    std::fs::copy(plugin("probe"), &file)?;
+    let warren = start(config.clone()).await?;
+    client.send(&q, b"dead-letter still bad").await?;
+    depth_reaches(&client, &dlq_name, 4).await?;
+    warren.shutdown().await;
+
+    let how = Redrive {
+        selection: Selection {
+            not_digest: Some(warren::plugins::digest_of(&std::fs::read(&file)?)),
+            ..Selection::default()
+        },
+        limit: dlq::DEFAULT_LIMIT,
+        dry_run: false,
+        to_queue: None,
+    };
+    let r = dlq::redrive(&config.broker, p, &how, &mut |_| {}).await?;
+    assert_eq!((r.read, r.moved, r.failed), (4, 3, 0));
+    let left = dlq::read(&config.broker, p, dlq::DEFAULT_LIMIT, &Selection::default()).await?;
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&left[0].body),
+        "dead-letter still bad"
+    );
+
+    // The fixed version handles what the broken one could not.
+    let warren = start(config.clone()).await?;
+    let mut done: Vec<String> = client.take(&out, 3, WAIT).await?.iter().map(text).collect();
+    warren.shutdown().await;
+    done.sort();
+    assert_eq!(done, ["fixed 0", "fixed 1", "fixed 2"]);
+    assert_eq!(client.depth(&dlq_name).await?, 1);
+    client.delete_queue(&out).await?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
