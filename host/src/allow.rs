@@ -25,10 +25,33 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use crate::config::PipelineConfig;
-use crate::retry::{RetryTiers, tier_queue};
+use crate::retry::{RetryTiers, reserved_shape, tier_queue};
 
-/// What was refused: counted by kind in the pipeline's metrics.
-pub use crate::ops::DenyKind;
+/// What was refused; a metric label (`warren_denied_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyKind {
+    /// A plugin output to an exchange, routing key or queue not listed.
+    Publish,
+    /// A reply to a `reply_to` that is not allowed.
+    Reply,
+    /// A plugin header warren does not let plugins set (`x-warren-*`, or a
+    /// `traceparent` warren propagates); removed, the message goes on.
+    Header,
+}
+
+impl DenyKind {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Reply => "reply",
+            Self::Header => "header",
+        }
+    }
+
+    /// All values, for metric pre-registration.
+    pub const ALL: [DenyKind; 3] = [Self::Publish, Self::Reply, Self::Header];
+}
 
 /// A refused output or reply, with the reason that goes into the dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,22 +202,6 @@ impl PublishPolicy {
             )),
             _ => Ok(()),
         }
-    }
-}
-
-/// Whether `queue` has the shape of a queue warren declares for some pipeline
-/// (`<queue>.dlq`, `<queue>.retry.<digits>`), and which. Such names are
-/// refused even when this configuration does not declare them: another warren
-/// on the same virtual host does.
-pub fn reserved_shape(queue: &str) -> Option<&'static str> {
-    if queue.ends_with(".dlq") {
-        return Some("a dead-letter queue (<queue>.dlq)");
-    }
-    match queue.rsplit_once(".retry.") {
-        Some((_, ms)) if !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()) => {
-            Some("a retry tier (<queue>.retry.<ms>)")
-        }
-        _ => None,
     }
 }
 

@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use lapin::uri::{AMQPScheme, AMQPUri};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use crate::logtext::redact;
+use crate::pem::{read_certificates, read_private_key};
 pub use crate::retry::RetryConfig;
 use crate::retry::{RetryTiers, tier_queue};
 use crate::secret::Setting;
@@ -261,35 +260,6 @@ impl BrokerConfig {
         }
         Ok(())
     }
-}
-
-/// Read a PEM file and check it holds at least one certificate.
-pub fn read_certificates(path: &Path) -> Result<String> {
-    let pem =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{} is not a valid PEM file", path.display()))?;
-    if certs.is_empty() {
-        bail!(
-            "{} holds no certificate (expected PEM blocks starting with -----BEGIN CERTIFICATE-----)",
-            path.display()
-        );
-    }
-    Ok(pem)
-}
-
-/// Read a PEM file and check it holds a private key.
-pub fn read_private_key(path: &Path) -> Result<Vec<u8>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    PrivateKeyDer::from_pem_slice(&pem).with_context(|| {
-        format!(
-            "{} holds no usable private key (expected an unencrypted PEM key: \
-             BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)",
-            path.display()
-        )
-    })?;
-    Ok(pem)
 }
 
 /// `[ops]`
@@ -753,7 +723,11 @@ impl Config {
                     )
                 })
             })
-            .chain(self.pipelines.iter().filter_map(crate::downstream::ratelimit::warning))
+            .chain(self.pipelines.iter().filter_map(|p| {
+                let limit = p.rate_limit().ok()??;
+                let spec = p.rate_limit.as_deref().unwrap_or_default();
+                crate::downstream::ratelimit::warning(&p.name, spec, &limit)
+            }))
             .collect();
         warnings.extend(
             self.pipelines
@@ -1015,7 +989,7 @@ impl OutputConfig {
             // warren's own queues take only warren's copies: a message put there
             // by a plugin would skip its bookkeeping (or, in a tier, come back
             // to a queue after the TTL as if it were a retry).
-            if let Some(what) = crate::allow::reserved_shape(q) {
+            if let Some(what) = crate::retry::reserved_shape(q) {
                 bail!(
                     "output queue {q:?} has the name of {what}, which warren manages; a plugin \
                      may not publish there"

@@ -10,47 +10,47 @@
 //!
 //! # Layout
 //!
-//! Roughly from the bottom up:
+//! From the bottom up: a module uses only modules above it in this list
+//! (there are no dependency cycles), and each keeps the state it reports
+//! (`PluginStatus`, `DownstreamMetrics`, `HttpMetrics`) for `ops` to read.
 //!
 //! * [`logtext`]: producer and plugin text escaped for log lines; broker URLs
-//!   without their password.
-//! * [`retry`]: the retry policy and its tiers of delay queues.
+//!   without their password; error chains with each cause once.
+//! * [`retry`]: the retry policy, its tiers of delay queues and the shapes of
+//!   the queue names warren reserves.
 //! * [`budget`]: `max_in_flight_mb`, the prefetch that fits the largest body.
 //! * [`suspects`]: poison messages, charged with the deaths of sessions.
 //! * [`secret`]: `[pipeline.config]` values read from the environment, never
 //!   printed.
+//! * [`pem`]: certificate and key files named in the configuration.
+//! * [`outbound`]: plugins' HTTP requests (wasi:http) under the pipeline's
+//!   allow-list: rules, address checks, the connection, its counters.
 //! * [`runtime`]: the wasmtime engine, the generated bindings of the WIT
 //!   contract, per-call limits (`runtime::engine`, `runtime::state`) and one
 //!   call of a plugin (`runtime::invoke`).
-//! * [`outbound`]: plugins' HTTP requests (wasi:http) under the pipeline's
-//!   allow-list: rules, address checks, the connection.
 //! * [`envelope`]: a delivery's properties and warren's bookkeeping headers,
 //!   and their wire sizes.
+//! * [`downstream`]: the rate limit and the circuit breaker, and their
+//!   state.
+//! * [`plugins`]: loading a plugin file (`loader`), the compiled-code cache
+//!   (`cache`), reading the file safely (`file`), the memory-limit check
+//!   (`limits`), the swappable current version (`slot`), watching paths
+//!   (`watch`), hot reload (`reload`) and what they report (`status`).
+//! * [`config`]: the configuration file, its defaults and its validation
+//!   (what `warren check` rejects).
 //! * [`allow`]: the publish allow-list: where a plugin's outputs and replies
 //!   may go.
 //! * [`disposition`]: outcome -> broker actions; the one place that decides
 //!   ack, retry or dead-letter.
-//! * [`ops`]: per-pipeline metrics and readiness (`metrics`, with the state
-//!   of the rate limit, breaker and HTTP in `downstream` and `outbound`) and
-//!   the HTTP endpoint serving them (`http`).
-//! * [`plugins`]: loading a plugin file (`loader`), the compiled-code cache
-//!   (`cache`), reading the file safely (`file`), the memory-limit check
-//!   (`limits`), the swappable current version (`slot`), watching paths
-//!   (`watch`) and hot reload (`reload`).
-//! * [`downstream`]: the rate limit and the circuit breaker.
-//! * [`config`]: the configuration file, its defaults and its validation
-//!   (what `warren check` rejects).
+//! * [`ops`]: per-pipeline metrics and readiness, read from the modules
+//!   above at scrape time (`metrics`), and the HTTP endpoint serving them
+//!   (`http`).
 //! * [`broker`]: connecting, declaring the topology (`topology`), publishing
 //!   with confirms (`publish`) and settling deliveries in batches (`settle`).
-//! * [`pipeline`]: one pipeline: the reconnecting supervisor, the consumer,
-//!   the worker threads and the handling of one message.
+//! * [`pipeline`]: one pipeline: the reconnecting supervisor, one session's
+//!   worker threads, changes of its consumer, the handling of one message
+//!   (see its own `# Layout`).
 //! * [`dlq`]: `warren dlq`, reading, moving and purging dead letters.
-//!
-//! Not yet a strict order: `config` embeds the settings types that
-//! `downstream`, `outbound` and `allow` define and those read the config
-//! back, and `runtime` hands requests to `outbound`, whose counters live in
-//! `ops`, which names `runtime`'s failure kinds. Each of these is one type in
-//! the wrong place, not a tangle of calls.
 //! * this file: starting and stopping it all ([`start`], [`run`], [`Running`]).
 
 pub mod allow;
@@ -64,6 +64,7 @@ pub mod envelope;
 pub mod logtext;
 pub mod ops;
 pub mod outbound;
+pub mod pem;
 pub mod pipeline;
 pub mod plugins;
 pub mod retry;
@@ -254,7 +255,7 @@ pub async fn start(config: Config) -> Result<Running> {
         let pm = metrics
             .pipeline(&p.name)
             .context("metrics missing for a configured pipeline")?;
-        pm.cache_outcome(plugin.source().label());
+        pm.plugin.cache_outcome(plugin.source().label());
         let slot = Arc::new(PluginSlot::new(plugin));
         if p.reload {
             let r = Arc::new(Reloader::new(
@@ -262,7 +263,7 @@ pub async fn start(config: Config) -> Result<Running> {
                 p.plugin.clone(),
                 slot.clone(),
                 loader.clone(),
-                pm.clone(),
+                pm.plugin.clone(),
                 debounce,
                 p.limits.memory_bytes(),
             ));

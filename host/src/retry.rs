@@ -1,5 +1,6 @@
 //! Retry tiers: the fixed set of delay queues a pipeline uses, and which tier a
-//! failed attempt goes to.
+//! failed attempt goes to; and [`reserved_shape`], the names of the queues
+//! warren declares for a pipeline, which no plugin or setting may use.
 //!
 //! RabbitMQ expires messages only from the head of a queue, so mixing delays in
 //! one queue would make a short delay wait behind a long one. Each tier is its
@@ -117,6 +118,22 @@ impl RetryTiers {
 /// Name of the tier queue for `queue` with delay `ms`.
 pub fn tier_queue(queue: &str, ms: u64) -> String {
     format!("{queue}.retry.{ms}")
+}
+
+/// Whether `queue` has the shape of a queue warren declares for some pipeline
+/// (`<queue>.dlq`, `<queue>.retry.<digits>`), and which. Such names are
+/// refused even when this configuration does not declare them: another warren
+/// on the same virtual host does.
+pub fn reserved_shape(queue: &str) -> Option<&'static str> {
+    if queue.ends_with(".dlq") {
+        return Some("a dead-letter queue (<queue>.dlq)");
+    }
+    match queue.rsplit_once(".retry.") {
+        Some((_, ms)) if !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()) => {
+            Some("a retry tier (<queue>.retry.<ms>)")
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ fn entries_of(cache: &Path, digest: &str) -> anyhow::Result<Vec<PathBuf>> {
 fn loads(w: &warren::Running, pipeline: &str, label: &str) -> u64 {
     w.metrics()
         .pipeline(pipeline)
-        .map_or(0, |m| m.cache_count(label))
+        .map_or(0, |m| m.plugin.cache_count(label))
 }
 
 #[tokio::test]

@@ -200,7 +200,7 @@ async fn swap_plugin(
     let reloader = warren.reloader(name).expect("reloader");
     let deadline = Instant::now() + WAIT;
     let m = warren.metrics().pipeline(name).expect("metrics");
-    while m.plugin_version() != version {
+    while m.plugin.version() != version {
         anyhow::ensure!(Instant::now() < deadline, "{to} not loaded within {WAIT:?}");
         reloader.reload_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -113,7 +113,7 @@ async fn reloads_under_load_lose_and_duplicate_nothing() -> anyhow::Result<()> {
         let source = &versions[swaps % 2];
         let want = digest_version(source)?;
         replace(styles[swaps % 3], &file, source, &stash)?;
-        eventually(WAIT, || m.plugin_version() == want)
+        eventually(WAIT, || m.plugin.version() == want)
             .await
             .map_err(|e| {
                 anyhow::anyhow!("swap {swaps} ({:?}) not picked up: {e}", styles[swaps % 3])
@@ -148,8 +148,12 @@ async fn reloads_under_load_lose_and_duplicate_nothing() -> anyhow::Result<()> {
         "nothing dead-lettered"
     );
     assert_eq!(m.requeued.load(Ordering::Relaxed), 0);
-    assert!(m.reload_count() >= 24, "reloads: {}", m.reload_count());
-    assert_eq!(m.reload_failure_count(), 0);
+    assert!(
+        m.plugin.reload_count() >= 24,
+        "reloads: {}",
+        m.plugin.reload_count()
+    );
+    assert_eq!(m.plugin.reload_failure_count(), 0);
     warren.shutdown().await;
     Ok(())
 }
@@ -168,11 +172,11 @@ async fn broken_truncated_and_deleted_files_keep_the_old_version() -> anyhow::Re
         .expect("pipeline metrics");
     let version_a = digest_version(&plugin("tag_a"))?;
     let version_b = digest_version(&plugin("tag_b"))?;
-    assert_eq!(m.plugin_version(), version_a);
+    assert_eq!(m.plugin.version(), version_a);
 
     // Not a component at all: reported, old version serves.
     std::fs::write(&file, b"garbage")?;
-    eventually(WAIT, || m.reload_failure_count() == 1).await?;
+    eventually(WAIT, || m.plugin.reload_failure_count() == 1).await?;
     assert!(
         warren
             .metrics()
@@ -193,30 +197,30 @@ async fn broken_truncated_and_deleted_files_keep_the_old_version() -> anyhow::Re
         f.flush()?;
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(
-            m.plugin_version(),
+            m.plugin.version(),
             version_a,
             "half a file must not be loaded"
         );
         f.write_all(&bytes[bytes.len() / 2..])?;
     }
-    eventually(WAIT, || m.plugin_version() == version_b).await?;
+    eventually(WAIT, || m.plugin.version() == version_b).await?;
     assert_eq!(
-        m.reload_failure_count(),
+        m.plugin.reload_failure_count(),
         1,
         "the truncated file was never tried"
     );
 
     // Deleted: keeps serving with a warning, comes back when the file does.
     std::fs::remove_file(&file)?;
-    eventually(WAIT, || m.plugin_missing.load(Ordering::Relaxed)).await?;
+    eventually(WAIT, || m.plugin.missing.load(Ordering::Relaxed)).await?;
     client.send(&q, b"two").await?;
     assert_eq!(
         header(&client.take_one(&out, WAIT).await?, "x-tag").as_deref(),
         Some("b")
     );
     std::fs::copy(plugin("tag_a"), &file)?;
-    eventually(WAIT, || m.plugin_version() == version_a).await?;
-    assert!(!m.plugin_missing.load(Ordering::Relaxed));
+    eventually(WAIT, || m.plugin.version() == version_a).await?;
+    assert!(!m.plugin.missing.load(Ordering::Relaxed));
     client.send(&q, b"three").await?;
     assert_eq!(
         header(&client.take_one(&out, WAIT).await?, "x-tag").as_deref(),
@@ -243,7 +247,7 @@ async fn the_compiled_cache_is_used_on_restart_and_recovers_from_corruption() ->
     let source = |w: &warren::Running, label: &str| {
         w.metrics()
             .pipeline("cached")
-            .map_or(0, |m| m.cache_count(label))
+            .map_or(0, |m| m.plugin.cache_count(label))
     };
 
     let first = start(config(&toml)?).await?;
@@ -331,7 +335,7 @@ async fn a_plugin_directory_deleted_recreated_or_swapped_is_followed() -> anyhow
     eventually(WAIT, || missing(&warren)).await?;
     std::fs::create_dir(&plugins)?;
     std::fs::copy(plugin("tag_b"), &file)?;
-    eventually(WAIT, || m.plugin_version() == b && !missing(&warren))
+    eventually(WAIT, || m.plugin.version() == b && !missing(&warren))
         .await
         .map_err(|e| anyhow::anyhow!("re-created directory not followed: {e}"))?;
 
@@ -340,19 +344,19 @@ async fn a_plugin_directory_deleted_recreated_or_swapped_is_followed() -> anyhow
     std::fs::copy(plugin("tag_a"), base.join("plugins.new/current.wasm"))?;
     std::fs::rename(&plugins, base.join("plugins.old"))?;
     std::fs::rename(base.join("plugins.new"), &plugins)?;
-    eventually(WAIT, || m.plugin_version() == a)
+    eventually(WAIT, || m.plugin.version() == a)
         .await
         .map_err(|e| anyhow::anyhow!("directory swapped by rename not followed: {e}"))?;
 
     // The directory now at the path is the one watched: a write in it is seen.
     std::fs::write(&file, std::fs::read(plugin("tag_b"))?)?;
-    eventually(WAIT, || m.plugin_version() == b).await?;
+    eventually(WAIT, || m.plugin.version() == b).await?;
 
     // Moved away and back (the same directory again), then written in.
     std::fs::rename(&plugins, base.join("plugins.away"))?;
     std::fs::rename(base.join("plugins.away"), &plugins)?;
     std::fs::write(&file, std::fs::read(plugin("tag_a"))?)?;
-    eventually(WAIT, || m.plugin_version() == a)
+    eventually(WAIT, || m.plugin.version() == a)
         .await
         .map_err(|e| anyhow::anyhow!("directory moved back not watched again: {e}"))?;
 
@@ -361,11 +365,11 @@ async fn a_plugin_directory_deleted_recreated_or_swapped_is_followed() -> anyhow
     std::fs::rename(&base, &away)?;
     std::fs::rename(&away, &base)?;
     std::fs::write(&file, std::fs::read(plugin("tag_b"))?)?;
-    eventually(WAIT, || m.plugin_version() == b)
+    eventually(WAIT, || m.plugin.version() == b)
         .await
         .map_err(|e| anyhow::anyhow!("ancestor moved back not watched again: {e}"))?;
 
-    assert_eq!(m.reload_failure_count(), 0);
+    assert_eq!(m.plugin.reload_failure_count(), 0);
     assert!(!missing(&warren));
     warren.shutdown().await;
     let _ = std::fs::remove_dir_all(base);
@@ -410,17 +414,17 @@ async fn a_flipped_release_symlink_is_followed() -> anyhow::Result<()> {
 
     release("2", "tag_b")?;
     flip("2")?;
-    eventually(WAIT, || m.plugin_version() == b)
+    eventually(WAIT, || m.plugin.version() == b)
         .await
         .map_err(|e| anyhow::anyhow!("flip to release 2 not followed: {e}"))?;
     // Rollback, then cleanup of the release left behind: only the flip counts.
     flip("1")?;
-    eventually(WAIT, || m.plugin_version() == a).await?;
+    eventually(WAIT, || m.plugin.version() == a).await?;
     std::fs::remove_dir_all(base.join("releases/2"))?;
     // The release the link points to now is watched: a hotfix written into it is seen.
     std::fs::write(&file, std::fs::read(plugin("tag_b"))?)?;
-    eventually(WAIT, || m.plugin_version() == b).await?;
-    assert_eq!(m.reload_failure_count(), 0);
+    eventually(WAIT, || m.plugin.version() == b).await?;
+    assert_eq!(m.plugin.reload_failure_count(), 0);
     warren.shutdown().await;
     let _ = std::fs::remove_dir_all(base);
     Ok(())
@@ -465,7 +469,7 @@ async fn a_kubernetes_configmap_volume_update_is_followed() -> anyhow::Result<()
         "tag_b",
         Some("..2026_11_30_10_00_00.1"),
     )?;
-    eventually(WAIT, || m.plugin_version() == b)
+    eventually(WAIT, || m.plugin.version() == b)
         .await
         .map_err(|e| anyhow::anyhow!("first ConfigMap update not followed: {e}"))?;
     publish(
@@ -473,10 +477,10 @@ async fn a_kubernetes_configmap_volume_update_is_followed() -> anyhow::Result<()
         "tag_a",
         Some("..2026_11_30_10_05_00.2"),
     )?;
-    eventually(WAIT, || m.plugin_version() == a)
+    eventually(WAIT, || m.plugin.version() == a)
         .await
         .map_err(|e| anyhow::anyhow!("second ConfigMap update not followed: {e}"))?;
-    assert_eq!(m.reload_failure_count(), 0);
+    assert_eq!(m.plugin.reload_failure_count(), 0);
     assert_eq!(readiness(&warren, "k8s")["plugin_file_missing"], false);
     warren.shutdown().await;
     let _ = std::fs::remove_dir_all(vol);
@@ -497,7 +501,7 @@ async fn a_fifo_at_the_plugin_path_is_refused_without_blocking() -> anyhow::Resu
     std::fs::remove_file(&file)?;
     let made = std::process::Command::new("mkfifo").arg(&file).status()?;
     assert!(made.success(), "mkfifo failed");
-    eventually(WAIT, || m.reload_failure_count() == 1).await?;
+    eventually(WAIT, || m.plugin.reload_failure_count() == 1).await?;
     let error = last_reload_error(&warren, "fifo").unwrap_or_default();
     assert!(error.contains("not a regular file"), "{error}");
     client.send(&q, b"still served").await?;
@@ -521,9 +525,9 @@ async fn a_fifo_at_the_plugin_path_is_refused_without_blocking() -> anyhow::Resu
     std::fs::remove_file(&file)?;
     std::fs::copy(plugin("tag_b"), &file)?;
     let b = digest_version(&plugin("tag_b"))?;
-    eventually(WAIT, || m.plugin_version() == b).await?;
+    eventually(WAIT, || m.plugin.version() == b).await?;
     assert_eq!(last_reload_error(&warren, "fifo"), None);
-    assert_eq!(m.reload_failure_count(), 1);
+    assert_eq!(m.plugin.reload_failure_count(), 1);
     tokio::time::timeout(WAIT, warren.shutdown())
         .await
         .map_err(|_| anyhow::anyhow!("shutdown hung"))?;
@@ -556,8 +560,12 @@ async fn a_plugin_written_in_separate_appends_loads_without_failures() -> anyhow
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let b = digest_version(&plugin("tag_b"))?;
-    eventually(WAIT, || m.plugin_version() == b).await?;
-    assert_eq!(m.reload_failure_count(), 0, "a partial file was reported");
+    eventually(WAIT, || m.plugin.version() == b).await?;
+    assert_eq!(
+        m.plugin.reload_failure_count(),
+        0,
+        "a partial file was reported"
+    );
     assert_eq!(last_reload_error(&warren, "appended"), None);
     warren.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
@@ -588,7 +596,7 @@ async fn reload_errors_are_cleared_once_the_file_is_good_again() -> anyhow::Resu
         (&f).write_all(&bytes[..bytes.len() / 2])?;
         f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))?;
     }
-    eventually(WAIT, || m.reload_failure_count() == 1).await?;
+    eventually(WAIT, || m.plugin.reload_failure_count() == 1).await?;
     let error = last_reload_error(&warren, "clears").unwrap_or_default();
     assert!(error.contains("incomplete"), "{error}");
 
@@ -597,8 +605,8 @@ async fn reload_errors_are_cleared_once_the_file_is_good_again() -> anyhow::Resu
     eventually(WAIT, || last_reload_error(&warren, "clears").is_none())
         .await
         .map_err(|e| anyhow::anyhow!("error kept after the good file came back: {e}"))?;
-    assert_eq!(m.plugin_version(), a);
-    assert_eq!(m.reload_count(), 0);
+    assert_eq!(m.plugin.version(), a);
+    assert_eq!(m.plugin.reload_count(), 0);
 
     // Unreadable, then readable again with the running version. Root reads
     // anything, so this part needs an unprivileged user.
@@ -606,7 +614,7 @@ async fn reload_errors_are_cleared_once_the_file_is_good_again() -> anyhow::Resu
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o000);
     std::fs::set_permissions(&file, perms.clone())?;
     if std::fs::File::open(&file).is_err() {
-        eventually(WAIT, || m.reload_failure_count() == 2).await?;
+        eventually(WAIT, || m.plugin.reload_failure_count() == 2).await?;
         let error = last_reload_error(&warren, "clears").unwrap_or_default();
         assert!(error.contains("ermission denied"), "{error}");
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
@@ -692,16 +700,16 @@ async fn a_plugin_too_big_for_its_own_pipeline_is_refused() -> anyhow::Result<()
 
     std::fs::copy(plugin("tag_b"), &tiny_file)?;
     std::fs::copy(plugin("tag_b"), &roomy_file)?;
-    eventually(WAIT, || roomy.plugin_version() == b).await?;
-    eventually(WAIT, || tiny.reload_failure_count() == 1).await?;
-    assert_eq!(tiny.plugin_version(), small_version);
+    eventually(WAIT, || roomy.plugin.version() == b).await?;
+    eventually(WAIT, || tiny.plugin.reload_failure_count() == 1).await?;
+    assert_eq!(tiny.plugin.version(), small_version);
     let error = last_reload_error(&warren, "tiny").unwrap_or_default();
     assert!(error.contains("limits.memory_mib = 1"), "{error}");
     // The version kept still serves.
     let mut rpc = warren_tests::RpcClient::connect().await?;
     let reply = text(&rpc.call(&tiny_q, b"hello", WAIT).await?);
     assert!(reply.starts_with("crc32="), "{reply}");
-    assert_eq!(roomy.reload_failure_count(), 0);
+    assert_eq!(roomy.plugin.reload_failure_count(), 0);
     warren.shutdown().await;
     let _ = std::fs::remove_dir_all(tiny_dir);
     let _ = std::fs::remove_dir_all(roomy_dir);

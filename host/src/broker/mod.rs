@@ -26,7 +26,8 @@ use anyhow::{Context, Result};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 
-use crate::config::{BrokerConfig, read_certificates, read_private_key};
+use crate::config::BrokerConfig;
+use crate::pem::{read_certificates, read_private_key};
 
 /// How long one node may take to accept a connection (TCP, TLS and the AMQP
 /// handshake) before the next node is tried: a node that is down but whose

@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lapin::Channel;
@@ -30,8 +30,6 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-use crate::ops::PipelineMetrics;
 
 /// How long deliveries done above an unsettled one wait for it before they are
 /// acked individually. Short next to any timeout, long next to the spread of
@@ -57,10 +55,15 @@ pub struct Settler {
 }
 
 impl Settler {
-    /// Start settling deliveries of `channel`.
-    pub fn start(channel: Channel, metrics: Arc<PipelineMetrics>) -> (Self, JoinHandle<()>) {
+    /// Start settling deliveries of `channel`, for `pipeline`'s log lines;
+    /// `failures` counts the acks and nacks the channel could not carry.
+    pub fn start(
+        channel: Channel,
+        pipeline: Arc<str>,
+        failures: Arc<AtomicU64>,
+    ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(channel, rx, metrics));
+        let task = tokio::spawn(run(channel, rx, pipeline, failures));
         (Self { tx }, task)
     }
 
@@ -109,7 +112,12 @@ impl Drop for SettleGuard {
     }
 }
 
-async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>, m: Arc<PipelineMetrics>) {
+async fn run(
+    channel: Channel,
+    mut rx: mpsc::UnboundedReceiver<Report>,
+    pipeline: Arc<str>,
+    failures: Arc<AtomicU64>,
+) {
     let mut book = Book::default();
     let mut open = true;
     let mut broken = false;
@@ -160,8 +168,8 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>, m: Arc<P
         }
         if let Some(Err(e)) = sent.into_iter().find(Result::is_err) {
             broken = true;
-            m.settle_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pipeline = %m.name, error = %e, "could not settle deliveries; the broker will redeliver them");
+            failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pipeline = %pipeline, error = %e, "could not settle deliveries; the broker will redeliver them");
         }
     }
 }

@@ -28,8 +28,8 @@ use anyhow::{Result, bail};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::DownstreamMetrics;
 use crate::logtext::Escaped;
-use crate::ops::PipelineMetrics;
 
 /// Probes in a row that must not fail for a half-open breaker to close.
 pub const HALF_OPEN_SUCCESSES: u32 = 3;
@@ -241,16 +241,16 @@ impl Drop for Ticket {
 pub struct Breaker {
     config: BreakerConfig,
     pipeline: Arc<str>,
-    metrics: Arc<PipelineMetrics>,
+    metrics: Arc<DownstreamMetrics>,
     epoch: Instant,
     state: Mutex<State>,
     phase_tx: watch::Sender<Phase>,
 }
 
 impl Breaker {
-    pub fn new(config: BreakerConfig, pipeline: Arc<str>, metrics: Arc<PipelineMetrics>) -> Self {
+    pub fn new(config: BreakerConfig, pipeline: Arc<str>, metrics: Arc<DownstreamMetrics>) -> Self {
         let window = Window::new(config.window_ms);
-        metrics.downstream.set_circuit(Phase::Closed.gauge(), None);
+        metrics.set_circuit(Phase::Closed.gauge(), None);
         Self {
             config,
             pipeline,
@@ -408,7 +408,7 @@ impl Breaker {
 
     fn open(&self, s: &mut State, pause: Duration, now: Instant) {
         s.pause = Some(pause);
-        self.metrics.downstream.opened();
+        self.metrics.opened();
         self.enter(s, Phase::Open { until: now + pause });
     }
 
@@ -424,7 +424,7 @@ impl Breaker {
             }
             _ => None,
         };
-        self.metrics.downstream.set_circuit(phase.gauge(), probe_at);
+        self.metrics.set_circuit(phase.gauge(), probe_at);
         self.phase_tx.send_replace(phase);
     }
 
@@ -448,8 +448,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::{Admission, Breaker, BreakerConfig, HALF_OPEN_SUCCESSES, Phase, Window};
-    use crate::ops::Metrics;
+    use super::{
+        Admission, Breaker, BreakerConfig, DownstreamMetrics, HALF_OPEN_SUCCESSES, Phase, Window,
+    };
 
     fn config(ratio: f64, min_calls: u32) -> BreakerConfig {
         BreakerConfig {
@@ -462,7 +463,7 @@ mod tests {
     }
 
     fn breaker(c: BreakerConfig) -> Arc<Breaker> {
-        let metrics = Metrics::new(["p"]).pipeline("p").unwrap();
+        let metrics = Arc::new(DownstreamMetrics::default());
         Arc::new(Breaker::new(c, "p".into(), metrics))
     }
 
@@ -499,7 +500,7 @@ mod tests {
         // 3 of 4 = 0.75 >= 0.5.
         assert!(matches!(b.phase(), Phase::Open { .. }));
         assert!(matches!(b.admit(), Admission::Hold));
-        assert_eq!(b.metrics.downstream.opened_count(), 1);
+        assert_eq!(b.metrics.opened_count(), 1);
     }
 
     #[test]
@@ -538,7 +539,7 @@ mod tests {
             t.finish(None);
         }
         assert_eq!(b.phase(), Phase::Closed);
-        assert_eq!(b.metrics.downstream.circuit_gauge(), 0);
+        assert_eq!(b.metrics.circuit_gauge(), 0);
     }
 
     #[test]
@@ -560,7 +561,7 @@ mod tests {
         }
         // 1 s first; then 2, 3 (capped), 3 — to 100 ms.
         assert_eq!(pauses, [20, 30, 30, 30]);
-        assert_eq!(b.metrics.downstream.opened_count(), 5);
+        assert_eq!(b.metrics.opened_count(), 5);
     }
 
     #[test]
@@ -583,7 +584,7 @@ mod tests {
                 until: now + Duration::from_millis(3_000)
             }
         );
-        assert_eq!(b.metrics.downstream.opened_count(), 2);
+        assert_eq!(b.metrics.opened_count(), 2);
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! untouched; nothing is nacked in a loop and no attempt is spent.
 
 pub mod breaker;
+mod metrics;
 pub mod ratelimit;
 
 pub use breaker::{Admission, Breaker, BreakerConfig, Phase, Ticket};
 pub use ratelimit::{Limiter, RateLimit, RateScope};
 
-pub use crate::ops::DownstreamMetrics;
+pub use metrics::DownstreamMetrics;

@@ -96,8 +96,8 @@ impl RateLimit {
 /// `warren check`'s warning for a pipeline whose rate spaces calls so far
 /// apart that the delivery waiting for its turn stays unacked past the
 /// broker's default `consumer_timeout`.
-pub fn warning(p: &crate::config::PipelineConfig) -> Option<String> {
-    let limit = p.rate_limit().ok()??;
+/// `spec` is the setting as written.
+pub fn warning(pipeline: &str, spec: &str, limit: &RateLimit) -> Option<String> {
     let interval = Duration::from_nanos(limit.interval_ns(1));
     (interval >= CONSUMER_TIMEOUT).then(|| {
         format!(
@@ -105,8 +105,8 @@ pub fn warning(p: &crate::config::PipelineConfig) -> Option<String> {
              its turn stays unacked that long, at or past RabbitMQ's default consumer_timeout of \
              1800 s; the broker would close the channel and redeliver. Use a faster rate or \
              raise consumer_timeout on the broker",
-            p.name,
-            p.rate_limit.as_deref().unwrap_or_default(),
+            pipeline,
+            spec,
             interval.as_secs()
         )
     })
@@ -201,9 +201,9 @@ pub async fn follow_consumers(
     queue: String,
     limiter: std::sync::Arc<Limiter>,
     pipeline: std::sync::Arc<str>,
-    metrics: std::sync::Arc<crate::ops::PipelineMetrics>,
+    metrics: std::sync::Arc<super::DownstreamMetrics>,
 ) {
-    metrics.downstream.set_rate_share(limiter.share());
+    metrics.set_rate_share(limiter.share());
     let mut channel = None;
     loop {
         let mut count = consumer_count(&conn, &queue, &mut channel).await;
@@ -222,7 +222,7 @@ pub async fn follow_consumers(
         if let Some(n) = count {
             let before = limiter.share();
             limiter.set_share(n);
-            metrics.downstream.set_rate_share(limiter.share());
+            metrics.set_rate_share(limiter.share());
             if limiter.share() != before {
                 tracing::info!(pipeline = %pipeline, consumers = limiter.share(), "rate_limit shared by the queue's consumers");
             }

@@ -20,37 +20,15 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub use crate::allow::DenyKind;
 use crate::disposition::Disposition;
+use crate::downstream::DownstreamMetrics;
+use crate::outbound::HttpMetrics;
+use crate::plugins::{CACHE_SOURCES, PluginStatus};
 pub use crate::runtime::FailureKind;
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-
-/// What was refused; a metric label (`warren_denied_total{kind}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyKind {
-    /// A plugin output to an exchange, routing key or queue not listed.
-    Publish,
-    /// A reply to a `reply_to` that is not allowed.
-    Reply,
-    /// A plugin header warren does not let plugins set (`x-warren-*`, or a
-    /// `traceparent` warren propagates); removed, the message goes on.
-    Header,
-}
-
-impl DenyKind {
-    /// Metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Publish => "publish",
-            Self::Reply => "reply",
-            Self::Header => "header",
-        }
-    }
-
-    /// All values, for metric pre-registration.
-    pub const ALL: [DenyKind; 3] = [Self::Publish, Self::Reply, Self::Header];
-}
 
 /// Buckets (seconds) of one plugin call: 100 µs to 30 s.
 const HANDLE_BUCKETS: [f64; 16] = [
@@ -113,15 +91,10 @@ pub struct PipelineMetrics {
     pub reconnects: AtomicU64,
     /// Acks the connection could not carry (the broker redelivers those
     /// deliveries, so they are handled again: at least once).
-    pub settle_failures: AtomicU64,
-    plugin_version: RwLock<String>,
-    /// The plugin file is currently missing (the loaded version keeps serving).
-    pub plugin_missing: AtomicBool,
-    reloads: AtomicU64,
-    reload_failures: AtomicU64,
-    last_reload_error: RwLock<Option<String>>,
+    pub settle_failures: Arc<AtomicU64>,
+    /// The plugin serving, its reloads and where its code came from.
+    pub plugin: Arc<PluginStatus>,
     last_broker_error: RwLock<Option<String>>,
-    cache: [AtomicU64; 5],
     /// The prefetch of the pipeline's consumer now (`max_in_flight_mb`).
     pub prefetch: AtomicU64,
     /// `host.log` lines dropped over a message's log budget.
@@ -144,12 +117,10 @@ pub struct PipelineMetrics {
     /// The broker node of the current connection (URL without password).
     node: RwLock<Option<String>>,
     /// Rate limit and circuit breaker.
-    pub downstream: super::DownstreamMetrics,
+    pub downstream: Arc<DownstreamMetrics>,
     /// Outbound HTTP of the plugin (`[pipeline.http]`).
-    pub http: super::HttpMetrics,
+    pub http: Arc<HttpMetrics>,
 }
-
-const CACHE_OUTCOMES: [&str; 5] = ["compiled", "miss", "hit", "recovered", "shared"];
 
 impl PipelineMetrics {
     /// Count a settled delivery.
@@ -206,62 +177,6 @@ impl PipelineMetrics {
     /// Record the time from the producer's `timestamp` to handled.
     pub fn observe_end_to_end(&self, d: Duration) {
         self.histograms.end_to_end.observe(d.as_secs_f64());
-    }
-
-    /// Count a reload attempt that changed something: `None` = swapped, `Some(why)` = failed.
-    pub fn reloaded(&self, error: Option<&str>) {
-        match error {
-            None => self.reloads.fetch_add(1, Ordering::Relaxed),
-            Some(_) => self.reload_failures.fetch_add(1, Ordering::Relaxed),
-        };
-        if let Ok(mut g) = self.last_reload_error.write() {
-            *g = error.map(str::to_string);
-        }
-    }
-
-    /// Forget the last reload error without counting a reload: the plugin file
-    /// holds the running version again.
-    pub fn clear_reload_error(&self) {
-        if let Ok(mut g) = self.last_reload_error.write() {
-            *g = None;
-        }
-    }
-
-    /// Successful reloads so far.
-    pub fn reload_count(&self) -> u64 {
-        self.reloads.load(Ordering::Relaxed)
-    }
-
-    /// Failed reloads so far.
-    pub fn reload_failure_count(&self) -> u64 {
-        self.reload_failures.load(Ordering::Relaxed)
-    }
-
-    /// Count where a loaded plugin's code came from (`CacheOutcome::label`).
-    pub fn cache_outcome(&self, label: &str) {
-        if let Some(i) = CACHE_OUTCOMES.iter().position(|k| *k == label) {
-            self.cache[i].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Loads with this cache outcome so far.
-    pub fn cache_count(&self, label: &str) -> u64 {
-        CACHE_OUTCOMES
-            .iter()
-            .position(|k| *k == label)
-            .map_or(0, |i| self.cache[i].load(Ordering::Relaxed))
-    }
-
-    /// The active plugin version (short digest).
-    pub fn plugin_version(&self) -> String {
-        self.plugin_version
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_default()
-    }
-
-    fn last_reload_error(&self) -> Option<String> {
-        self.last_reload_error.read().ok().and_then(|g| g.clone())
     }
 
     /// Why the last broker session failed (connecting, declaring, consuming);
@@ -326,13 +241,6 @@ impl PipelineMetrics {
     pub fn crashed(&self) -> Option<String> {
         self.crashed.read().ok().and_then(|g| g.clone())
     }
-
-    /// Set the active plugin version label.
-    pub fn set_plugin_version(&self, v: &str) {
-        if let Ok(mut g) = self.plugin_version.write() {
-            v.clone_into(&mut g);
-        }
-    }
 }
 
 impl Metrics {
@@ -379,14 +287,14 @@ impl Metrics {
                     "name": p.name,
                     "connected": p.connected.load(Ordering::Relaxed),
                     "broker_node": p.node(),
-                    "plugin_version": p.plugin_version(),
-                    "plugin_file_missing": p.plugin_missing.load(Ordering::Relaxed),
-                    "last_reload_error": p.last_reload_error(),
+                    "plugin_version": p.plugin.version(),
+                    "plugin_file_missing": p.plugin.missing.load(Ordering::Relaxed),
+                    "last_reload_error": p.plugin.last_reload_error(),
                     "last_broker_error": p.last_broker_error(),
                     "last_effect_error": p.last_effect_error(),
                     "blocked": p.blocked.read().ok().and_then(|g| g.clone()),
                     "crashed": p.crashed(),
-                    "circuit": p.downstream.readiness_json(),
+                    "circuit": super::downstream::circuit_json(&p.downstream),
                 })
             })
             .collect();
@@ -562,7 +470,7 @@ impl Collector for Scrape {
             Counter,
             |p| one(count(&p.reconnects)),
         )?;
-        let versions: Vec<String> = self.0.iter().map(|p| p.plugin_version()).collect();
+        let versions: Vec<String> = self.0.iter().map(|p| p.plugin.version()).collect();
         let mut info =
             enc.encode_descriptor("warren_plugin_info", "Active plugin version.", None, Gauge)?;
         for (p, v) in self.0.iter().zip(&versions) {
@@ -576,10 +484,13 @@ impl Collector for Scrape {
             Counter,
             |p| {
                 vec![
-                    (Some(("result", "ok")), Value::Counter(p.reload_count())),
+                    (
+                        Some(("result", "ok")),
+                        Value::Counter(p.plugin.reload_count()),
+                    ),
                     (
                         Some(("result", "failed")),
-                        Value::Counter(p.reload_failure_count()),
+                        Value::Counter(p.plugin.reload_failure_count()),
                     ),
                 ]
             },
@@ -590,9 +501,14 @@ impl Collector for Scrape {
             "Plugin loads, by where the compiled code came from.",
             Counter,
             |p| {
-                CACHE_OUTCOMES
+                CACHE_SOURCES
                     .iter()
-                    .map(|k| (Some(("source", *k)), Value::Counter(p.cache_count(k))))
+                    .map(|k| {
+                        (
+                            Some(("source", *k)),
+                            Value::Counter(p.plugin.cache_count(k)),
+                        )
+                    })
                     .collect()
             },
         )?;
@@ -601,7 +517,7 @@ impl Collector for Scrape {
             "warren_plugin_file_missing",
             "1 while the plugin file is gone (the loaded version serves).",
             Gauge,
-            |p| one(flag(p.plugin_missing.load(r))),
+            |p| one(flag(p.plugin.missing.load(r))),
         )?;
         self.family(
             &mut enc,
@@ -706,7 +622,7 @@ mod tests {
         p.failure(FailureKind::Timeout);
         p.observe_handle(Duration::from_millis(3));
         p.observe_end_to_end(Duration::from_secs(4));
-        p.set_plugin_version("abc");
+        p.plugin.set_version("abc");
         let text = m.render();
         for line in [
             "# TYPE warren_messages_total counter",

@@ -6,7 +6,5 @@ mod http;
 mod metrics;
 mod outbound;
 
-pub use downstream::DownstreamMetrics;
 pub use http::serve;
 pub use metrics::{DenyKind, FailureKind, Metrics, PipelineMetrics};
-pub use outbound::HttpMetrics;

@@ -15,6 +15,7 @@
 //! start, and never past the message's own deadline (`limits.timeout_ms`).
 
 mod addr;
+mod metrics;
 mod rules;
 mod send;
 
@@ -28,7 +29,7 @@ use serde::Deserialize;
 use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-pub use crate::ops::HttpMetrics;
+pub use metrics::HttpMetrics;
 use rules::{AllowList, Host, Scheme};
 
 /// Longest `timeout_ms` (24 hours, as `limits.timeout_ms`).
@@ -100,7 +101,7 @@ pub struct HttpPolicy {
     max_response_bytes: u64,
     max_requests: u32,
     tls: Result<Arc<rustls::ClientConfig>, String>,
-    metrics: Arc<crate::ops::PipelineMetrics>,
+    metrics: Arc<HttpMetrics>,
 }
 
 impl std::fmt::Debug for HttpPolicy {
@@ -116,11 +117,7 @@ impl HttpPolicy {
     /// The grant of a validated `[pipeline.http]`. A CA file that can no
     /// longer be read (it was checked when the configuration was loaded) is
     /// logged, and makes HTTPS requests fail; plain HTTP still works.
-    pub fn new(
-        pipeline: &str,
-        config: &HttpConfig,
-        metrics: Arc<crate::ops::PipelineMetrics>,
-    ) -> Result<Self> {
+    pub fn new(pipeline: &str, config: &HttpConfig, metrics: Arc<HttpMetrics>) -> Result<Self> {
         let rules = AllowList::parse(&config.allowed_hosts)
             .with_context(|| format!("pipeline {pipeline:?}: http.allowed_hosts"))?;
         let tls = send::tls_config(config.ca_file.as_deref()).map_err(|e| {
@@ -141,7 +138,7 @@ impl HttpPolicy {
 
     /// The grant of a pipeline without `[pipeline.http]`: nothing, but its
     /// denials are counted and logged like any other.
-    pub fn deny_all(pipeline: &str, metrics: Arc<crate::ops::PipelineMetrics>) -> Self {
+    pub fn deny_all(pipeline: &str, metrics: Arc<HttpMetrics>) -> Self {
         Self {
             pipeline: pipeline.into(),
             rules: AllowList::default(),
@@ -218,7 +215,7 @@ fn deny(
     why: &str,
 ) {
     if let Some(p) = policy {
-        p.metrics.http.denied();
+        p.metrics.denied();
     }
     if !shared.denial_logged.swap(true, Ordering::Relaxed) {
         tracing::warn!(

@@ -85,7 +85,6 @@ pub(super) async fn send(
     };
     call.policy
         .metrics
-        .http
         .request(&target.rule.text, &status, started.elapsed());
     result
 }
@@ -374,7 +373,7 @@ pub(super) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientCon
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let pem = crate::config::read_certificates(path)?;
+        let pem = crate::pem::read_certificates(path)?;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
             let cert =
                 cert.with_context(|| format!("{} is not a valid PEM file", path.display()))?;

@@ -8,7 +8,7 @@
 //! the disposition. An outcome with nothing to publish (a plain ack) is settled
 //! right there; one with publications is started on the worker and finished by
 //! an async task that waits for the broker's confirms and only then settles.
-//! Settling goes through the consume channel's [`Settler`], which batches acks
+//! Settling goes through the consume channel's [`Settler`](crate::broker::Settler), which batches acks
 //! without ever acking a delivery before its own effects are confirmed or past
 //! one that is not settled yet (at-least-once).
 //!
@@ -121,7 +121,7 @@ impl Pipeline {
             log_lines: config.limits.max_log_lines,
             log_bytes: config.limits.max_log_bytes(),
         };
-        metrics.set_plugin_version(slot.current().version());
+        metrics.plugin.set_version(slot.current().version());
         // A rate-limited pipeline's prefetch holds at most PREFETCH_SPAN of
         // calls: the rest wait in the queue, not unacked in the window.
         let prefetch = match config.rate_limit() {
@@ -143,18 +143,21 @@ impl Pipeline {
                 None
             }
         };
-        let breaker = config
-            .circuit_breaker
-            .clone()
-            .map(|c| Arc::new(Breaker::new(c, info.name.clone(), metrics.clone())));
+        let breaker = config.circuit_breaker.clone().map(|c| {
+            Arc::new(Breaker::new(
+                c,
+                info.name.clone(),
+                metrics.downstream.clone(),
+            ))
+        });
         // The rules were checked with the configuration, so this cannot fail
         // in practice; if it did, HTTP stays denied rather than open.
         let http = {
             use crate::outbound::HttpPolicy;
-            let deny = || HttpPolicy::deny_all(&config.name, metrics.clone());
+            let deny = || HttpPolicy::deny_all(&config.name, metrics.http.clone());
             let policy = match &config.http {
                 None => deny(),
-                Some(h) => HttpPolicy::new(&config.name, h, metrics.clone()).unwrap_or_else(|e| {
+                Some(h) => HttpPolicy::new(&config.name, h, metrics.http.clone()).unwrap_or_else(|e| {
                     tracing::error!(pipeline = %config.name, error = %format!("{e:#}"), "outbound HTTP denied");
                     deny()
                 }),

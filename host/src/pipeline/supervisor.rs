@@ -35,7 +35,7 @@ impl Pipeline {
     /// Run until `stop` turns true: connect, consume, and on broker loss reconnect
     /// with backoff. Returns after in-flight messages are settled or `grace` ran out.
     ///
-    /// The delay doubles with every failed attempt up to [`MAX_RECONNECT_DELAY`],
+    /// The delay doubles with every failed attempt up to `MAX_RECONNECT_DELAY`,
     /// and starts again from `first_delay` after a session that consumed for at
     /// least as long as the delay it had waited: a broker that comes back after a
     /// short outage is used again at once, instead of after the back-off earned
@@ -169,7 +169,11 @@ impl Pipeline {
             )
             .await
             .with_context(|| format!("consuming from queue {:?}", self.config.queue))?;
-        let (settler, mut settling) = Settler::start(channel.clone(), self.metrics.clone());
+        let (settler, mut settling) = Settler::start(
+            channel.clone(),
+            self.info.name.clone(),
+            self.metrics.settle_failures.clone(),
+        );
         let work = Arc::new(Work {
             pipeline: self.clone(),
             publisher,
@@ -211,7 +215,7 @@ impl Pipeline {
                 self.config.queue.clone(),
                 l.clone(),
                 self.info.name.clone(),
-                self.metrics.clone(),
+                self.metrics.downstream.clone(),
             )));
         }
         self.metrics.connected.store(true, Ordering::Relaxed);

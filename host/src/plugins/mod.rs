@@ -7,6 +7,7 @@ mod limits;
 mod loader;
 mod reload;
 mod slot;
+mod status;
 mod watch;
 
 pub use cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
@@ -14,4 +15,5 @@ pub use limits::{check_fits, check_fits_as};
 pub use loader::{LoadedPlugin, PluginLoader, digest_of};
 pub use reload::{ReloadResult, Reloader};
 pub use slot::PluginSlot;
+pub use status::{CACHE_SOURCES, PluginStatus};
 pub use watch::{PluginWatcher, watch_plugins};

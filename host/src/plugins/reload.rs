@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
+use super::PluginStatus;
 use super::file::{self, FileId, PluginFile, ReadError};
 use super::{LoadedPlugin, PluginLoader, PluginSlot, check_fits, digest_of};
-use crate::ops::PipelineMetrics;
 
 /// Longest wait for a writer to close the plugin file before loading anyway
 /// (a crashed writer must not block reloads forever; a truncated file then
@@ -68,7 +68,7 @@ pub struct Reloader {
     path: PathBuf,
     slot: Arc<PluginSlot>,
     loader: PluginLoader,
-    metrics: Arc<PipelineMetrics>,
+    status: Arc<PluginStatus>,
     signal: Arc<ReloadSignal>,
     debounce: Duration,
     memory_limit: usize,
@@ -133,7 +133,7 @@ impl Reloader {
         path: PathBuf,
         slot: Arc<PluginSlot>,
         loader: PluginLoader,
-        metrics: Arc<PipelineMetrics>,
+        status: Arc<PluginStatus>,
         debounce: Duration,
         memory_limit: usize,
     ) -> Self {
@@ -142,7 +142,7 @@ impl Reloader {
             path,
             slot,
             loader,
-            metrics,
+            status,
             signal: Arc::default(),
             debounce,
             memory_limit,
@@ -243,7 +243,7 @@ impl Reloader {
                 state.incomplete = None;
                 if !state.missing {
                     state.missing = true;
-                    self.metrics.plugin_missing.store(true, Ordering::Relaxed);
+                    self.status.missing.store(true, Ordering::Relaxed);
                     tracing::warn!(pipeline = %self.pipeline, file = %self.path.display(), version = current.version(),
                         "plugin file is gone; the loaded version keeps serving");
                 }
@@ -324,10 +324,10 @@ impl Reloader {
                     plugin.source().label(),
                 );
                 let old = self.slot.swap(plugin);
-                self.metrics.set_plugin_version(&new);
+                self.status.set_version(&new);
                 // Also clears the last reload error.
-                self.metrics.reloaded(None);
-                self.metrics.cache_outcome(source);
+                self.status.reloaded(None);
+                self.status.cache_outcome(source);
                 tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), old = old.version(), new = %new,
                     load_ms = ms, cache = source, "plugin reloaded");
                 ReloadResult::Swapped {
@@ -401,7 +401,7 @@ impl Reloader {
     fn present(&self, state: &mut ReloadState) {
         if state.missing {
             state.missing = false;
-            self.metrics.plugin_missing.store(false, Ordering::Relaxed);
+            self.status.missing.store(false, Ordering::Relaxed);
             tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), "plugin file is back");
         }
     }
@@ -409,7 +409,7 @@ impl Reloader {
     fn clear_error(&self, state: &mut ReloadState) {
         if state.error_shown {
             state.error_shown = false;
-            self.metrics.clear_reload_error();
+            self.status.clear_reload_error();
             tracing::info!(pipeline = %self.pipeline, file = %self.path.display(), version = self.slot.current().version(),
                 "plugin file holds the running version again; the last reload error no longer applies");
         }
@@ -426,7 +426,7 @@ impl Reloader {
         }
         state.failed_on = on;
         state.error_shown = true;
-        self.metrics.reloaded(Some(&reason));
+        self.status.reloaded(Some(&reason));
         tracing::error!(pipeline = %self.pipeline, file = %self.path.display(), version = self.slot.current().version(),
             error = %reason, "plugin reload failed; the previous version keeps serving");
         ReloadResult::Failed(reason)
