@@ -17,6 +17,9 @@
 #      WARREN_TEST_BROKER_TLS_PORT  its AMQP-over-TLS port (default AMQP port + 1)
 #      WARREN_TEST_BROKER_DIR    its state directory (default <repo>/.broker/test)
 #      WARREN_PLUGIN_DIR         where plugins are built (default <repo>/plugins/dist)
+#      WARREN_CHAOS_BASE_PORT    first port of the chaos run's cluster (default 5811;
+#                                see scripts/chaos.sh)
+#      WARREN_TEST_CHAOS=0       skip the chaos run (e.g. with a test filter)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +36,7 @@ t_start=$SECONDS
 step_no=0
 step() {
   step_no=$((step_no + 1))
-  printf '\n==> [%d/6] %s   (%ds elapsed)\n' "$step_no" "$*" "$((SECONDS - t_start))" >&2
+  printf '\n==> [%d/7] %s   (%ds elapsed)\n' "$step_no" "$*" "$((SECONDS - t_start))" >&2
 }
 die() { printf '\ntest.sh: error: %s\n' "$*" >&2; exit 1; }
 as_root() {
@@ -123,7 +126,25 @@ step "cargo test --workspace --no-fail-fast $*"
 test_log=$(mktemp "${TMPDIR:-/tmp}/warren-test.XXXXXX")
 rc=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$test_log" || rc=$?
+
+# --- fault injection -------------------------------------------------------
+# The short chaos run: replicas on a three-node cluster through kills, node
+# losses, a cluster restart, closed connections and reloads; a failover
+# regression loses or strands messages and fails here. It runs after the tests
+# (and even when they failed) so both verdicts are reported.
+chaos_rc=0
+if [ "${WARREN_TEST_CHAOS:-1}" != 0 ]; then
+  step "scripts/chaos.sh --short (fault injection on a local three-node cluster)"
+  bash "$repo/scripts/chaos.sh" --short || chaos_rc=$?
+else
+  step "chaos run skipped (WARREN_TEST_CHAOS=0)"
+fi
 echo >&2
+if [ "$rc" = 0 ] && [ "$chaos_rc" != 0 ]; then
+  echo "test.sh: the chaos run failed (exit $chaos_rc) after $((SECONDS - t_start))s; its logs: ${WARREN_CHAOS_DIR:-$repo/.broker/chaos}" >&2
+  rm -f "$test_log"
+  exit "$chaos_rc"
+fi
 if [ "$rc" = 0 ]; then
   echo "test.sh: all checks passed in $((SECONDS - t_start))s" >&2
 else
@@ -134,6 +155,7 @@ else
     /targets? failed:$/ {on=1; next} on && /^ +`/ {gsub(/[` ]+/, " "); printf "%s;", $0; next} on {on=0}' "$test_log" | tr ';' '\n' | awk 'NF && !seen[$0]++ {printf "%s;", $0}' |
     sed -e 's/^ *//' -e 's/ *; */; /g' -e 's/; $//')
   echo "test.sh: cargo test failed (exit $rc) after $((SECONDS - t_start))s; failed test binaries: ${failed:-see the output above}; broker logs: $BROKER_DIR/log" >&2
+  if [ "$chaos_rc" != 0 ]; then echo "test.sh: the chaos run failed too (exit $chaos_rc)" >&2; fi
 fi
 rm -f "$test_log"
 exit "$rc"
