@@ -130,15 +130,18 @@ fn run_cluster(base: u16, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// A base port whose cluster ports (each node's AMQP, management and
-/// distribution ports, and the shared epmd's) are all free now. Above the
-/// range the private brokers of `private_broker` use, derived ports included.
+/// distribution ports, and the shared epmd's) are all free now. Below the
+/// range the private brokers of `private_broker` use, and like theirs below
+/// Linux's range for outgoing connections (32768 and up by default), where a
+/// port free now can be taken by a client's connection before a node binds
+/// it.
 fn free_cluster_ports() -> anyhow::Result<u16> {
     for attempt in 0..200u16 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let base = 36_000 + ((nanos as u16) ^ attempt) % 3_000;
+        let base = 7_000 + ((nanos as u16) ^ attempt) % 1_500;
         let mut ports = vec![base + 1000];
         for i in 0..NODES {
             ports.extend([base + i, base + i + 10_000, base + i + 20_000]);

@@ -90,10 +90,13 @@ impl Drop for PrivateBroker {
 }
 
 /// A port `p` such that `p`, `p + 1000`, `p + 10000` and `p + 20000` (AMQP,
-/// epmd, management, distribution) are all free now.
+/// epmd, management, distribution) are all free now. All of them stay below
+/// Linux's range for outgoing connections (32768 and up by default): a port
+/// in it that is free now can be taken by a client's connection before the
+/// broker binds it.
 fn free_port_family() -> anyhow::Result<u16> {
     for _ in 0..200 {
-        let p = 20_000 + (fastrand_u16() % 5_000);
+        let p = 10_000 + (fastrand_u16() % 1_500);
         let free = [0u16, 1000, 10_000, 20_000]
             .iter()
             .all(|d| std::net::TcpListener::bind(("127.0.0.1", p + d)).is_ok());

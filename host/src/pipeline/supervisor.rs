@@ -23,6 +23,11 @@ use crate::suspects;
 /// Longest pause between reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 
+/// A session that consumed this long ends the backoff even if its wait was
+/// longer: a reconnect every few seconds at most is no storm, and a broker
+/// that is back must not be left alone for the rest of a long delay.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
 /// After the shutdown grace ran out: how long the last requeues and acks get
 /// to reach the broker before the connection closes.
 const FINAL_FLUSH: Duration = Duration::from_secs(1);
@@ -37,9 +42,11 @@ impl Pipeline {
     ///
     /// The delay doubles with every failed attempt up to `MAX_RECONNECT_DELAY`,
     /// and starts again from `first_delay` after a session that consumed for at
-    /// least as long as the delay it had waited: a broker that comes back after a
-    /// short outage is used again at once, instead of after the back-off earned
-    /// by the last long one. Each wait is shortened by up to half at random, so
+    /// least as long as the delay it had waited, or for `STABLE_SESSION`
+    /// whichever is shorter: a broker that comes back after a short outage is
+    /// used again at once, instead of after the back-off earned by the last
+    /// long one (a full cluster restart followed soon by a closed connection
+    /// stalled every replica for ~20 s before). Each wait is shortened by up to half at random, so
     /// replicas cut off together do not reconnect in lockstep.
     pub async fn supervise(
         self: Arc<Self>,
@@ -278,20 +285,27 @@ impl Pipeline {
 struct Backoff {
     first: Duration,
     next: Duration,
+    /// The wait before the session that just ended.
+    waited: Duration,
 }
 
 impl Backoff {
     fn new(first: Duration) -> Self {
-        Self { first, next: first }
+        Self {
+            first,
+            next: first,
+            waited: Duration::ZERO,
+        }
     }
 
     /// The wait (before jitter) after a session that consumed for `consumed`
     /// (`None`: it never got to consume).
     fn after(&mut self, consumed: Option<Duration>) -> Duration {
-        if consumed.is_some_and(|c| c >= self.next) {
+        if consumed.is_some_and(|c| c >= self.waited.min(STABLE_SESSION)) {
             self.next = self.first;
         }
         let wait = self.next;
+        self.waited = wait;
         self.next = self.next.saturating_mul(2).min(MAX_RECONNECT_DELAY);
         wait
     }
@@ -325,7 +339,7 @@ async fn watch_connection(events: impl futures_util::Stream<Item = Event>, p: Ar
 mod tests {
     use std::time::Duration;
 
-    use super::{Backoff, MAX_RECONNECT_DELAY, jittered};
+    use super::{Backoff, MAX_RECONNECT_DELAY, STABLE_SESSION, jittered};
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -343,6 +357,20 @@ mod tests {
             b.after(None);
         }
         assert_eq!(b.after(None), MAX_RECONNECT_DELAY);
+    }
+
+    #[test]
+    fn a_session_as_long_as_its_wait_or_a_stable_one_resets_the_backoff() {
+        let mut b = Backoff::new(100 * MS);
+        assert_eq!(b.after(None), 100 * MS);
+        assert_eq!(b.after(None), 200 * MS);
+        assert_eq!(b.after(None), 400 * MS);
+        // It waited 400 ms and then consumed for 400 ms: back to the start.
+        assert_eq!(b.after(Some(400 * MS)), 100 * MS);
+        // After the longest wait, a session of STABLE_SESSION is enough.
+        while b.after(None) < MAX_RECONNECT_DELAY {}
+        assert_eq!(b.after(Some(STABLE_SESSION - MS)), MAX_RECONNECT_DELAY);
+        assert_eq!(b.after(Some(STABLE_SESSION)), 100 * MS);
     }
 
     #[test]
