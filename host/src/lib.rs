@@ -13,24 +13,27 @@
 //! From the bottom up: a module uses only modules above it in this list
 //! (there are no dependency cycles), and each keeps the state it reports
 //! (`PluginStatus`, `DownstreamMetrics`, `HttpMetrics`) for `ops` to read.
+//! The linked modules are public for the CLI, the integration tests and the
+//! benchmarks (configuration, plugin loading and calls, dispositions,
+//! metrics, `warren dlq`); the others are internal to the crate.
 //!
 //! * [`logtext`]: producer and plugin text escaped for log lines; broker URLs
 //!   without their password; error chains with each cause once.
 //! * [`retry`]: the retry policy, its tiers of delay queues and the shapes of
 //!   the queue names warren reserves.
-//! * [`budget`]: `max_in_flight_mb`, the prefetch that fits the largest body.
-//! * [`suspects`]: poison messages, charged with the deaths of sessions.
-//! * [`secret`]: `[pipeline.config]` values read from the environment, never
+//! * `budget`: `max_in_flight_mb`, the prefetch that fits the largest body.
+//! * `suspects`: poison messages, charged with the deaths of sessions.
+//! * `secret`: `[pipeline.config]` values read from the environment, never
 //!   printed.
-//! * [`pem`]: certificate and key files named in the configuration.
-//! * [`outbound`]: plugins' HTTP requests (wasi:http) under the pipeline's
+//! * `pem`: certificate and key files named in the configuration.
+//! * `outbound`: plugins' HTTP requests (wasi:http) under the pipeline's
 //!   allow-list: rules, address checks, the connection, its counters.
 //! * [`runtime`]: the wasmtime engine, the generated bindings of the WIT
 //!   contract, per-call limits (`runtime::engine`, `runtime::state`) and one
 //!   call of a plugin (`runtime::invoke`).
 //! * [`envelope`]: a delivery's properties and warren's bookkeeping headers,
 //!   and their wire sizes.
-//! * [`downstream`]: the rate limit and the circuit breaker, and their
+//! * `downstream`: the rate limit and the circuit breaker, and their
 //!   state.
 //! * [`plugins`]: loading a plugin file (`loader`), the compiled-code cache
 //!   (`cache`), reading the file safely (`file`), the memory-limit check
@@ -47,7 +50,7 @@
 //!   (`http`).
 //! * [`broker`]: connecting, declaring the topology (`topology`), publishing
 //!   with confirms (`publish`) and settling deliveries in batches (`settle`).
-//! * [`pipeline`]: one pipeline: the reconnecting supervisor, one session's
+//! * `pipeline`: one pipeline: the reconnecting supervisor, one session's
 //!   worker threads, changes of its consumer, the handling of one message
 //!   (see its own `# Layout`).
 //! * [`dlq`]: `warren dlq`, reading, moving and purging dead letters.
@@ -55,22 +58,22 @@
 
 pub mod allow;
 pub mod broker;
-pub mod budget;
+pub(crate) mod budget;
 pub mod config;
 pub mod disposition;
 pub mod dlq;
-pub mod downstream;
+pub(crate) mod downstream;
 pub mod envelope;
 pub mod logtext;
 pub mod ops;
-pub mod outbound;
-pub mod pem;
-pub mod pipeline;
+pub(crate) mod outbound;
+pub(crate) mod pem;
+pub(crate) mod pipeline;
 pub mod plugins;
 pub mod retry;
 pub mod runtime;
-pub mod secret;
-pub mod suspects;
+pub(crate) mod secret;
+pub(crate) mod suspects;
 
 use std::future::Future;
 use std::sync::Arc;
