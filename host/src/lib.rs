@@ -313,7 +313,7 @@ async fn report_panic(pm: Arc<ops::PipelineMetrics>, task: impl Future<Output = 
             panic = %logtext::Escaped(&why),
             "pipeline task panicked: it consumes no more, warren reports not ready until restarted"
         );
-        pm.set_crashed(&why);
+        pm.status.set_crashed(&why);
     }
 }
 
@@ -336,12 +336,12 @@ mod tests {
     async fn a_panicking_pipeline_task_is_logged_and_not_ready() {
         let metrics = Metrics::new(["p"]);
         let pm = metrics.pipeline("p").unwrap();
-        pm.connected
+        pm.status.connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(metrics.ready());
         report_panic(pm.clone(), async { panic!("boom {}", 7) }).await;
         assert!(!metrics.ready());
-        assert_eq!(pm.crashed().as_deref(), Some("boom 7"));
+        assert_eq!(pm.status.crashed().as_deref(), Some("boom 7"));
         assert_eq!(
             metrics.readiness_json()["pipelines"][0]["crashed"],
             "boom 7"
@@ -350,9 +350,9 @@ mod tests {
         // A task that ends normally leaves readiness alone.
         let metrics = Metrics::new(["q"]);
         let pm = metrics.pipeline("q").unwrap();
-        pm.connected
+        pm.status.connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
         report_panic(pm.clone(), async {}).await;
-        assert!(metrics.ready() && pm.crashed().is_none());
+        assert!(metrics.ready() && pm.status.crashed().is_none());
     }
 }

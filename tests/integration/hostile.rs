@@ -241,7 +241,7 @@ async fn a_message_that_keeps_killing_the_session_is_parked() -> anyhow::Result<
         // The neighbours were all handled; the poison message was never
         // charged to the broker's own delivery limit, and nothing is left.
         eventually(WAIT, || m.outcome_count(Disposition::Ack) >= 10).await?;
-        eventually(WAIT, || m.connected.load(Ordering::Relaxed)).await?;
+        eventually(WAIT, || m.status.connected.load(Ordering::Relaxed)).await?;
         assert_eq!(client.depth(&q).await?, 0, "{qt}");
         assert_eq!(client.depth(&dlq).await?, 0, "{qt}: exactly one copy");
         warren.shutdown().await;

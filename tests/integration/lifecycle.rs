@@ -46,7 +46,7 @@ async fn a_lost_connection_is_recovered_without_losing_messages() -> anyhow::Res
             .await?;
     }
     eventually(WAIT, || {
-        m.reconnects.load(Ordering::Relaxed) >= 1 && m.connected.load(Ordering::Relaxed)
+        m.reconnects.load(Ordering::Relaxed) >= 1 && m.status.connected.load(Ordering::Relaxed)
     })
     .await?;
 

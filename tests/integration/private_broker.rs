@@ -145,7 +145,7 @@ async fn a_blocked_connection_is_shown_and_shutdown_keeps_its_grace() -> anyhow:
         .metrics()
         .pipeline("alarm")
         .expect("pipeline metrics");
-    eventually(WAIT, || m.blocked()).await?;
+    eventually(WAIT, || m.status.blocked()).await?;
     let ready = warren.metrics().readiness_json();
     assert!(ready["pipelines"][0]["blocked"].is_string(), "{ready}");
     assert!(

@@ -51,9 +51,9 @@ async fn tls_failure(url: &str, broker_toml: &str) -> anyhow::Result<String> {
         .context("pipeline metrics")?;
     // Three failed attempts: the first one and two retries.
     eventually(WAIT, || m.reconnects.load(Ordering::Relaxed) >= 2).await?;
-    let error = m.last_broker_error().context("no broker error recorded")?;
+    let error = m.status.last_broker_error().context("no broker error recorded")?;
     assert!(!warren.metrics().ready(), "ready without a broker session");
-    assert!(!m.connected.load(Ordering::Relaxed));
+    assert!(!m.status.connected.load(Ordering::Relaxed));
     let readiness = warren.metrics().readiness_json().to_string();
     assert!(
         readiness.contains("TLS handshake failed"),
@@ -97,7 +97,7 @@ async fn a_pipeline_consumes_and_publishes_over_tls() -> anyhow::Result<()> {
     let conn = warren_connection(&name).await?;
     assert_eq!(conn["ssl"], true, "{conn}");
     assert!(conn["peer_cert_subject"].is_null(), "{conn}");
-    assert_eq!(m.last_broker_error(), None);
+    assert_eq!(m.status.last_broker_error(), None);
     warren.shutdown().await;
     assert_eq!(client.depth(&q).await?, 0, "the message was not acked");
     Ok(())

@@ -8,8 +8,8 @@
 //! observe per message). Label values come from the enums that own them
 //! ([`Disposition`], [`FailureKind`]).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -25,6 +25,8 @@ use crate::disposition::Disposition;
 use crate::downstream::DownstreamMetrics;
 use crate::outbound::HttpMetrics;
 use crate::plugins::{CACHE_SOURCES, PluginStatus};
+
+use super::status::PipelineStatus;
 pub use crate::runtime::FailureKind;
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
@@ -85,8 +87,6 @@ pub struct PipelineMetrics {
     /// waiting for a worker are not counted).
     pub in_flight: AtomicI64,
     histograms: Histograms,
-    /// Whether the pipeline's consumer is attached to the broker.
-    pub connected: AtomicBool,
     /// Broker (re)connections after a loss.
     pub reconnects: AtomicU64,
     /// Acks the connection could not carry (the broker redelivers those
@@ -94,7 +94,8 @@ pub struct PipelineMetrics {
     pub settle_failures: Arc<AtomicU64>,
     /// The plugin serving, its reloads and where its code came from.
     pub plugin: Arc<PluginStatus>,
-    last_broker_error: RwLock<Option<String>>,
+    /// The broker session as readiness shows it.
+    pub status: PipelineStatus,
     /// The prefetch of the pipeline's consumer now (`max_in_flight_mb`).
     pub prefetch: AtomicU64,
     /// `host.log` lines dropped over a message's log budget.
@@ -107,15 +108,6 @@ pub struct PipelineMetrics {
     pub topology_repairs: AtomicU64,
     /// Outputs, replies and headers the allow-list refused, by `DenyKind`.
     denied: [AtomicU64; 3],
-    /// Why the broker blocked the connection (a resource alarm), while it does.
-    blocked: RwLock<Option<String>>,
-    blocked_now: AtomicBool,
-    /// The last refused effect, while refusals go on.
-    last_effect_error: RwLock<Option<String>>,
-    /// The pipeline's task panicked: it consumes no more until warren restarts.
-    crashed: RwLock<Option<String>>,
-    /// The broker node of the current connection (URL without password).
-    node: RwLock<Option<String>>,
     /// Rate limit and circuit breaker.
     pub downstream: Arc<DownstreamMetrics>,
     /// Outbound HTTP of the plugin (`[pipeline.http]`).
@@ -179,68 +171,6 @@ impl PipelineMetrics {
         self.histograms.end_to_end.observe(d.as_secs_f64());
     }
 
-    /// Why the last broker session failed (connecting, declaring, consuming);
-    /// `None` once a session is consuming again.
-    pub fn set_broker_error(&self, error: Option<&str>) {
-        if let Ok(mut g) = self.last_broker_error.write() {
-            *g = error.map(str::to_string);
-        }
-    }
-
-    /// The error of the last failed broker session, while none has succeeded since.
-    pub fn last_broker_error(&self) -> Option<String> {
-        self.last_broker_error.read().ok().and_then(|g| g.clone())
-    }
-
-    /// The broker blocked the connection (`Some(reason)`) or lifted the block.
-    pub fn set_blocked(&self, reason: Option<&str>) {
-        self.blocked_now.store(reason.is_some(), Ordering::Relaxed);
-        if let Ok(mut g) = self.blocked.write() {
-            *g = reason.map(str::to_string);
-        }
-    }
-
-    /// Whether the broker blocks the pipeline's connection now.
-    pub fn blocked(&self) -> bool {
-        self.blocked_now.load(Ordering::Relaxed)
-    }
-
-    /// A delivery's effects were refused (`Some`), or went through again.
-    pub fn set_effect_error(&self, error: Option<&str>) {
-        if let Ok(mut g) = self.last_effect_error.write() {
-            *g = error.map(str::to_string);
-        }
-    }
-
-    /// The last refused effect, while no effects have been confirmed since.
-    pub fn last_effect_error(&self) -> Option<String> {
-        self.last_effect_error.read().ok().and_then(|g| g.clone())
-    }
-
-    /// The pipeline's task ended with a panic (`why`): never ready again.
-    pub fn set_crashed(&self, why: &str) {
-        self.connected.store(false, Ordering::Relaxed);
-        if let Ok(mut g) = self.crashed.write() {
-            *g = Some(why.to_string());
-        }
-    }
-
-    /// The broker node connected to now (`None` between connections).
-    pub fn set_node(&self, node: Option<&str>) {
-        if let Ok(mut g) = self.node.write() {
-            *g = node.map(str::to_string);
-        }
-    }
-
-    /// The broker node of the current connection, if any.
-    pub fn node(&self) -> Option<String> {
-        self.node.read().ok().and_then(|g| g.clone())
-    }
-
-    /// Why the pipeline's task panicked, if it did.
-    pub fn crashed(&self) -> Option<String> {
-        self.crashed.read().ok().and_then(|g| g.clone())
-    }
 }
 
 impl Metrics {
@@ -274,7 +204,7 @@ impl Metrics {
     pub fn ready(&self) -> bool {
         self.pipelines
             .iter()
-            .all(|p| p.connected.load(Ordering::Relaxed) && p.crashed().is_none())
+            .all(|p| p.status.connected.load(Ordering::Relaxed) && p.status.crashed().is_none())
     }
 
     /// Readiness detail as JSON.
@@ -285,15 +215,15 @@ impl Metrics {
             .map(|p| {
                 serde_json::json!({
                     "name": p.name,
-                    "connected": p.connected.load(Ordering::Relaxed),
-                    "broker_node": p.node(),
+                    "connected": p.status.connected.load(Ordering::Relaxed),
+                    "broker_node": p.status.node(),
                     "plugin_version": p.plugin.version(),
                     "plugin_file_missing": p.plugin.missing.load(Ordering::Relaxed),
                     "last_reload_error": p.plugin.last_reload_error(),
-                    "last_broker_error": p.last_broker_error(),
-                    "last_effect_error": p.last_effect_error(),
-                    "blocked": p.blocked.read().ok().and_then(|g| g.clone()),
-                    "crashed": p.crashed(),
+                    "last_broker_error": p.status.last_broker_error(),
+                    "last_effect_error": p.status.last_effect_error(),
+                    "blocked": p.status.blocked_reason(),
+                    "crashed": p.status.crashed(),
                     "circuit": super::downstream::circuit_json(&p.downstream),
                 })
             })
@@ -461,7 +391,7 @@ impl Collector for Scrape {
             "warren_broker_connected",
             "1 when the pipeline's consumer is attached.",
             Gauge,
-            |p| one(flag(p.connected.load(r))),
+            |p| one(flag(p.status.connected.load(r))),
         )?;
         self.family(
             &mut enc,
@@ -524,7 +454,7 @@ impl Collector for Scrape {
             "warren_broker_blocked",
             "1 while the broker blocks the pipeline's connection (resource alarm).",
             Gauge,
-            |p| one(flag(p.blocked())),
+            |p| one(flag(p.status.blocked())),
         )?;
         self.family(&mut enc, "warren_prefetch", "Prefetch of the pipeline's consumer: the configured one, or less to keep max_in_flight_mb.", Gauge, |p| one(Value::Gauge(i64::try_from(p.prefetch.load(r)).unwrap_or(i64::MAX))))?;
         self.family(
@@ -603,7 +533,7 @@ impl Collector for Scrape {
             "warren_pipeline_crashed",
             "1 after the pipeline's task panicked (it consumes no more until warren restarts).",
             Gauge,
-            |p| one(flag(p.crashed().is_some())),
+            |p| one(flag(p.status.crashed().is_some())),
         )?;
         Ok(())
     }

@@ -5,6 +5,8 @@ mod downstream;
 mod http;
 mod metrics;
 mod outbound;
+mod status;
 
 pub use http::serve;
 pub use metrics::{DenyKind, FailureKind, Metrics, PipelineMetrics};
+pub use status::PipelineStatus;

@@ -296,7 +296,7 @@ impl Work {
             Ok(()) => {
                 if p.requeue_streak.load(Ordering::Relaxed) != 0 {
                     p.requeue_streak.store(0, Ordering::Relaxed);
-                    p.metrics.set_effect_error(None);
+                    p.metrics.status.set_effect_error(None);
                 }
                 self.ack(&plan, about, tag, settle);
             }
@@ -320,7 +320,7 @@ impl Work {
                     .saturating_mul(1 << streak.min(10))
                     .min(REQUEUE_BACKOFF_MAX);
                 message_event!(Level::WARN, p, about, error = %error, requeue_in_ms = delay.as_millis() as u64, "effects not confirmed; requeueing the message");
-                p.metrics.set_effect_error(Some(&error));
+                p.metrics.status.set_effect_error(Some(&error));
                 tokio::time::sleep(delay).await;
                 // A deliberate requeue on a live channel: not a suspect.
                 if self.channel.status().connected() {

@@ -73,12 +73,12 @@ impl Pipeline {
             {
                 Ok(()) => return,
                 Err(e) => {
-                    self.metrics.connected.store(false, Ordering::Relaxed);
+                    self.metrics.status.connected.store(false, Ordering::Relaxed);
                     let consumed = consuming_since.map(|t: Instant| t.elapsed());
                     let wait = jittered(backoff.after(consumed), fastrand::f64());
                     let error = crate::logtext::error_chain(&e);
                     tracing::warn!(pipeline = %self.info.name, error = %error, retry_in_ms = wait.as_millis() as u64, "pipeline lost its broker session; reconnecting");
-                    self.metrics.set_broker_error(Some(&error));
+                    self.metrics.status.set_broker_error(Some(&error));
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = stop.wait_for(|s| *s) => return,
@@ -100,13 +100,13 @@ impl Pipeline {
         let name = &self.info.name;
         let (conn, node) = broker::connect_any(endpoint, name).await?;
         let conn = Arc::new(conn);
-        self.metrics.set_node(Some(&node));
+        self.metrics.status.set_node(Some(&node));
         let watching = tokio::spawn(watch_connection(conn.events_listener(), self.clone()));
         let result = self
             .clone()
             .consume(&conn, grace, &mut stop, consuming_since)
             .await;
-        self.metrics.connected.store(false, Ordering::Relaxed);
+        self.metrics.status.connected.store(false, Ordering::Relaxed);
         // A blocked connection (a broker resource alarm) does not write at all,
         // not even the close: the process must be able to leave anyway, and the
         // broker requeues what was not settled when the socket goes.
@@ -117,8 +117,8 @@ impl Pipeline {
             tracing::warn!(pipeline = %name, "the broker did not answer the close in time (connection blocked?); leaving it");
         }
         watching.abort();
-        self.metrics.set_blocked(None);
-        self.metrics.set_node(None);
+        self.metrics.status.set_blocked(None);
+        self.metrics.status.set_node(None);
         result
     }
 
@@ -225,10 +225,10 @@ impl Pipeline {
                 self.metrics.downstream.clone(),
             )));
         }
-        self.metrics.connected.store(true, Ordering::Relaxed);
-        self.metrics.set_broker_error(None);
+        self.metrics.status.connected.store(true, Ordering::Relaxed);
+        self.metrics.status.set_broker_error(None);
         *consuming_since = Some(Instant::now());
-        tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), broker = %self.metrics.node().unwrap_or_default(), "consuming");
+        tracing::info!(pipeline = %name, queue = %self.config.queue, plugin = %self.slot.current().version(), broker = %self.metrics.status.node().unwrap_or_default(), "consuming");
 
         let outcome: Result<()> = tokio::select! {
             _ = stop.wait_for(|s| *s) => Ok(()),
@@ -255,7 +255,7 @@ impl Pipeline {
         // Stop the flow first, then let what was received settle on this
         // channel: workers handle what the consumer still holds, then exit on
         // its end; the settler stops once every delivery has reported.
-        self.metrics.connected.store(false, Ordering::Relaxed);
+        self.metrics.status.connected.store(false, Ordering::Relaxed);
         work.stopping.store(true, Ordering::SeqCst);
         for h in &helpers {
             h.abort();
@@ -324,11 +324,11 @@ async fn watch_connection(events: impl futures_util::Stream<Item = Event>, p: Ar
         match event {
             Event::ConnectionBlocked(reason) => {
                 tracing::warn!(pipeline = %p.info.name, reason = %reason, "the broker blocked the connection (resource alarm): publishing, and so settling, waits until it lifts");
-                p.metrics.set_blocked(Some(&reason));
+                p.metrics.status.set_blocked(Some(&reason));
             }
             Event::ConnectionUnblocked => {
                 tracing::info!(pipeline = %p.info.name, "the broker unblocked the connection");
-                p.metrics.set_blocked(None);
+                p.metrics.status.set_blocked(None);
             }
             _ => {}
         }
