@@ -197,7 +197,8 @@ async fn js_router_publishes_acks_replies_dead_letters_and_survives_a_throw() ->
 /// `js_router` with `endpoint.<target>` set: those payloads are POSTed with
 /// `fetch` through warren's wasi:http to a real server, the others are still
 /// published; a 503 retries the whole event, a 404 dead-letters it, and a URL
-/// the pipeline does not allow makes `fetch` reject (retried, then parked).
+/// the pipeline does not allow or a refused connection makes `fetch` reject
+/// (retried, then parked).
 #[tokio::test]
 async fn js_router_posts_to_configured_endpoints_with_fetch() -> anyhow::Result<()> {
     use std::sync::Arc;
@@ -233,11 +234,15 @@ async fn js_router_posts_to_configured_endpoints_with_fetch() -> anyhow::Result<
         server.url("http", "/pd"),
     );
     // Critical events go to an origin the pipeline does not allow, errors to
-    // an endpoint that answers 404.
+    // an endpoint that answers 404, warnings to an allowed port where nothing
+    // listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let closed_origin = format!("http://{closed}");
     let bad_extra = format!(
-        "{FAST_RETRY}[pipeline.http]\nallowed_hosts = [{origin:?}]\n\
+        "{FAST_RETRY}[pipeline.http]\nallowed_hosts = [{origin:?}, {closed_origin:?}]\n\
          [pipeline.config]\n\"targets.critical\" = \"slack\"\n\"targets.error\" = \"teams\"\n\
-         \"endpoint.slack\" = {:?}\n\"endpoint.teams\" = {:?}\n",
+         \"targets.warning\" = \"generic\"\n\
+         \"endpoint.slack\" = {:?}\n\"endpoint.teams\" = {:?}\n\"endpoint.generic\" = \"{closed_origin}/hook\"\n",
         elsewhere.url("http", "/slack"),
         server.url("http", "/gone"),
     );
@@ -356,6 +361,24 @@ async fn js_router_posts_to_configured_endpoints_with_fetch() -> anyhow::Result<
             server.url("http", "/gone")
         )
     );
+
+    // A refused connection rejects too (warren reads the body before it
+    // answers; componentize-js would trap on a failed body write): retried,
+    // then parked, never a trap.
+    client
+        .send(
+            &bad,
+            br#"{"event": "disk.full", "severity": "warning", "summary": "90%"}"#,
+        )
+        .await?;
+    let d = client.take_one(&dlq, WAIT).await?;
+    assert_eq!(
+        reason(&d),
+        format!(
+            "gave up after 3 attempts: generic endpoint {closed_origin}/hook: NetworkError when attempting to fetch resource"
+        )
+    );
+    assert_eq!(mb.failure_count(FailureKind::Trap), 0);
     warren.shutdown().await;
     Ok(())
 }

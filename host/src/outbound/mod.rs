@@ -233,14 +233,8 @@ impl CallHttp {
         self.shared.cut_by_deadline.load(Ordering::Relaxed)
     }
 
-    /// Refuse a request: logged once per message, counted every time.
-    ///
-    /// The answer waits until the plugin has written the request body (which
-    /// is thrown away), at most until the message's deadline. Dropping the
-    /// body at once would make the plugin's body writes fail before it sees
-    /// the denial; componentize-js 0.23.0 (StarlingMonkey) cannot recover
-    /// from that and aborts the whole call, so a denied `fetch` POST would
-    /// trap instead of rejecting.
+    /// Refuse a request: logged once per message, counted every time. The
+    /// answer waits for the request body (`drain`).
     fn deny(
         &self,
         request: http::Request<WasiBody>,
@@ -256,20 +250,29 @@ impl CallHttp {
             rule,
             why,
         );
-        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let deadline = self.deadline;
         Box::new(async move {
-            let drain = async {
-                let mut body = request.into_body();
-                while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                    if frame.is_err() {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout_at(deadline, drain).await;
+            drain(request.into_body(), deadline).await;
             Err(HttpError::HttpRequestDenied)
         })
     }
+}
+
+/// Read a request body to its end (or the first error), throwing it away, at
+/// most until `deadline`. A request that fails before its body is sent
+/// (denied, refused, unresolvable) waits for it so that the plugin's writes
+/// succeed and it sees the failure as the request's result: componentize-js
+/// 0.23.0 (StarlingMonkey) aborts the whole call when a body write fails,
+/// so a failed `fetch` POST would trap instead of rejecting.
+async fn drain(mut body: WasiBody, deadline: Instant) {
+    let read = async {
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read).await;
 }
 
 fn deny(
