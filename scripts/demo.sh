@@ -7,8 +7,11 @@
 # Steps: install and start RabbitMQ (private, in .broker/demo), build the
 # example plugins and warren, start `warren run --config examples/warren.toml`,
 # wait for /healthz/ready, then run scripts/demo/client.py — a plain pika
-# client — through the three example pipelines (RPC, thumbnails, notifications)
-# and a poison message. Exits non-zero if any step did not produce its result.
+# client — through the three example pipelines (RPC, thumbnails, notifications),
+# a webhook POSTed by the notify plugin to a local receiver the demo starts
+# (scripts/demo/receiver.py on 127.0.0.1:8025), a request to a host its
+# pipeline does not allow, and a poison message. Exits non-zero if any step did
+# not produce its result.
 #
 # Works on a fresh Debian/Ubuntu machine; installs rabbitmq-server, curl and
 # (if missing) python3-venv with apt (as root, or through sudo), the
@@ -39,6 +42,7 @@ export BROKER_DIR=${BROKER_DIR:-$repo/.broker/demo}
 export WARREN_PLUGIN_DIR=$repo/plugins/dist
 config=$repo/examples/warren.toml
 ops=127.0.0.1:9090          # [ops] listen in examples/warren.toml
+receiver=127.0.0.1:8025     # the notify pipeline's webhook.url in examples/warren.toml
 mgmt=http://127.0.0.1:$((BROKER_PORT + 10000))
 demo_dir=$repo/.cache/demo  # warren's log and pid file
 venv=$HOME/.cache/warren/demo-venv
@@ -76,11 +80,14 @@ alive() {
 }
 
 # --- cleanup: stop what this script started, unless --keep ----------------
-started_broker=0 warren_pid=
+started_broker=0 warren_pid= receiver_pid=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM HUP
   if [ "$keep" = 1 ] && [ "$rc" = 0 ]; then exit 0; fi
+  if alive "$receiver_pid"; then
+    kill -TERM "$receiver_pid" 2>/dev/null || true
+  fi
   if alive "$warren_pid"; then
     echo "==> stopping warren (pid $warren_pid)"
     kill -TERM "$warren_pid" 2>/dev/null || true
@@ -112,6 +119,8 @@ if alive "$old_pid" && grep -qa warren "/proc/$old_pid/cmdline" 2>/dev/null; the
 fi
 ! port_busy "$ops" ||
   die "$ops (warren's ops endpoint in examples/warren.toml) is already in use by another program"
+! port_busy "$receiver" ||
+  die "$receiver (the webhook receiver the notify pipeline POSTs to) is already in use by another program"
 echo "cargo $(cargo --version | cut -d' ' -f2), $(python3 --version), target dir $CARGO_TARGET_DIR"
 
 # --- 2. broker --------------------------------------------------------------
@@ -149,8 +158,20 @@ warren=$CARGO_TARGET_DIR/debug/warren
 "$warren" check --config "$config" || die "warren check rejected $config"
 
 # --- 5. run it --------------------------------------------------------------
-step "starting warren run --config examples/warren.toml"
+step "starting the webhook receiver on $receiver and warren run --config examples/warren.toml"
 mkdir -p "$demo_dir"
+hooks=$demo_dir/webhooks.jsonl
+: >"$hooks"
+setsid python3 scripts/demo/receiver.py "${receiver##*:}" "$hooks" </dev/null >>"$demo_dir/receiver.log" 2>&1 &
+receiver_pid=$!
+echo "$receiver_pid" >"$demo_dir/receiver.pid"
+for _ in $(seq 100); do  # 10 s
+  port_busy "$receiver" && break
+  alive "$receiver_pid" || die "the webhook receiver exited (log: $demo_dir/receiver.log)"
+  sleep 0.1
+done
+port_busy "$receiver" || die "the webhook receiver did not listen on $receiver within 10 s"
+echo "receiver pid $receiver_pid, POSTs recorded in $hooks"
 log=$demo_dir/warren.log
 : >"$log"
 # setsid: with --keep warren must outlive this script and its terminal.
@@ -185,13 +206,14 @@ if ! "$venv/bin/python" -c 'import pika' 2>/dev/null; then
     die "installing pika from PyPI failed"
 fi
 client_rc=0
-"$venv/bin/python" scripts/demo/client.py --url "$broker_url" --timeout 30 || client_rc=$?
+"$venv/bin/python" scripts/demo/client.py --url "$broker_url" --timeout 30 --webhook-log "$hooks" || client_rc=$?
 
 # --- 7. what warren counted -------------------------------------------------
 step "metrics: http://$ops/metrics"
 metrics=$(curl -fsS --max-time 5 "http://$ops/metrics" || true)
 if [ -n "$metrics" ]; then
   grep '^warren_messages_total' <<<"$metrics" || echo "(no warren_messages_total lines yet)"
+  grep -E '^warren_http_(requests|denied)_total' <<<"$metrics" || echo "(no warren_http_* lines yet)"
 else
   echo "could not read http://$ops/metrics"
 fi
@@ -209,7 +231,8 @@ if [ "$keep" = 0 ]; then
 fi
 cat <<EOF
 
---keep: warren (pid $warren_pid) and the broker are still running.
+--keep: warren (pid $warren_pid), the webhook receiver (pid $receiver_pid, writing
+$hooks) and the broker are still running.
   curl -s http://$ops/metrics | grep ^warren_     Prometheus metrics
   curl -s http://$ops/healthz/ready               readiness (JSON)
   $mgmt                           RabbitMQ management UI (guest/guest)
@@ -217,6 +240,6 @@ cat <<EOF
   $venv/bin/python scripts/demo/client.py --url '$broker_url'
       runs the demo client again (RabbitMQ tutorial 6's rpc_client.py works too)
 Stop them with:
-  kill $warren_pid
+  kill $warren_pid $receiver_pid
   BROKER_PORT=$BROKER_PORT BROKER_DIR=$BROKER_DIR scripts/broker.sh stop
 EOF

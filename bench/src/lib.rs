@@ -93,11 +93,13 @@ pub enum Scenario {
     Reload,
     /// 7. pika and Celery doing the same no-op (needs `python`).
     Peers,
+    /// 9. one HTTP POST by a plugin vs the same POST from a plain Rust client.
+    Http,
 }
 
 impl Scenario {
     /// All scenarios, in table order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Throughput,
         Scenario::Publish,
         Scenario::Rpc,
@@ -106,6 +108,7 @@ impl Scenario {
         Scenario::Isolation,
         Scenario::Peers,
         Scenario::Reload,
+        Scenario::Http,
     ];
 
     /// Short name used in the table and on the command line.
@@ -119,6 +122,7 @@ impl Scenario {
             Scenario::Isolation => "isolation",
             Scenario::Peers => "peers",
             Scenario::Reload => "reload",
+            Scenario::Http => "http",
         }
     }
 
@@ -133,6 +137,7 @@ impl Scenario {
             Scenario::Isolation => 6,
             Scenario::Peers => 7,
             Scenario::Reload => 8,
+            Scenario::Http => 9,
         }
     }
 }
@@ -148,5 +153,6 @@ pub async fn run_scenario(opts: &Options, s: Scenario) -> Result<Vec<Row>> {
         Scenario::Isolation => scenarios::isolation::run(opts).await,
         Scenario::Peers => scenarios::peers::run(opts).await,
         Scenario::Reload => scenarios::reload::run(opts).await,
+        Scenario::Http => scenarios::http::run(opts).await,
     }
 }

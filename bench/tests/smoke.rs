@@ -106,6 +106,12 @@ async fn reload() {
     smoke(Scenario::Reload).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http() {
+    let rows = smoke(Scenario::Http).await;
+    assert!(rows[0].baseline.is_some(), "{:?}", rows[0]);
+}
+
 /// Without a Python venv the peers scenario says it was skipped, and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_without_python_are_skipped() {

@@ -4,7 +4,11 @@
 warren is invisible to it: it publishes to exchanges and queues and reads what
 comes back, exactly as code written for RabbitMQ's tutorials would.
 
-  client.py [--url AMQP_URL] [--timeout SECONDS] [--only fib,thumbnail,notify,dead-letter]
+  client.py [--url AMQP_URL] [--timeout SECONDS] [--webhook-log FILE]
+            [--only fib,thumbnail,notify,webhook,denied,dead-letter]
+
+`webhook` reads what scripts/demo/receiver.py wrote to FILE (demo.sh starts it
+on 127.0.0.1:8025, the URL examples/warren.toml gives the notify pipeline).
 
 Exit status 0 when every step produced what it should, 1 otherwise.
 """
@@ -208,6 +212,66 @@ def step_notify(conn, timeout: float) -> None:
     ch.close()
 
 
+WEBHOOK_LOG = None  # set by --webhook-log
+
+
+def step_webhook(conn, timeout: float) -> None:
+    if WEBHOOK_LOG is None:
+        raise StepFailed("no --webhook-log given (scripts/demo.sh passes the receiver's log)")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    marker = uuid.uuid4().hex[:8]
+    event = {"user": "grace@example.com", "template": "welcome", "channels": ["webhook"],
+             "vars": {"name": f"Grace ({marker})"}}
+    print(f"  publishing to exchange 'events', routing key 'user.signup': {json.dumps(event)}")
+    publish(ch, "events", "user.signup", json.dumps(event).encode(),
+            pika.BasicProperties(content_type="application/json"))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(WEBHOOK_LOG, encoding="utf-8") as f:
+                hits = [json.loads(line) for line in f if marker in line]
+        except FileNotFoundError:
+            hits = []
+        if hits:
+            break
+        if time.monotonic() > deadline:
+            raise StepFailed(f"the receiver got no POST for this event within {timeout:.0f} s")
+        time.sleep(0.1)
+    hit = hits[0]
+    print(f"  the receiver got POST {hit['path']} ({hit['content_type']}): {hit['body']}")
+    print("  (the pipeline's [pipeline.http] allows http://127.0.0.1:8025 and nothing else)")
+    ch.close()
+
+
+def step_denied(conn, timeout: float) -> None:
+    ch = conn.channel()
+    ch.confirm_delivery()
+    url = f"http://169.254.169.254/latest/meta-data/?demo={uuid.uuid4().hex[:8]}"
+    body = json.dumps({"url": url}).encode()
+    print(f"  asking the thumbnail pipeline to fetch {url}")
+    print("  (the cloud metadata address; the pipeline has no [pipeline.http] at all)")
+    publish(ch, "uploads", "image", body, pika.BasicProperties(content_type="application/json"))
+    deadline = time.monotonic() + timeout
+    while True:
+        method, props, dl_body = ch.basic_get("images.dlq", auto_ack=True)
+        if method is None:
+            if time.monotonic() > deadline:
+                raise StepFailed(f"nothing in images.dlq within {timeout:.0f} s")
+            time.sleep(0.2)
+            continue
+        if dl_body == body:
+            break
+        # An older dead letter (an earlier run): skip it.
+    reason = header_text((props.headers or {}).get("x-warren-reason"))
+    print(f"  images.dlq holds it with x-warren-reason: {reason}")
+    print("  warren refused the request before connecting, logged it once and counted it")
+    print("  in warren_http_denied_total{pipeline=\"thumbnail\"}")
+    if "denied" not in reason:
+        raise StepFailed(f"expected a denial in the reason, got {reason!r}")
+    ch.close()
+
+
 def step_dead_letter(conn, timeout: float) -> None:
     ch = conn.channel()
     ch.confirm_delivery()
@@ -240,6 +304,8 @@ STEPS = {
     "fib": ("RPC: fib(30) through rpc_queue, answer via direct reply-to", step_fib),
     "thumbnail": ("Work queue + fanout: a 640x400 PNG in, a thumbnail out", step_thumbnail),
     "notify": ("Topic routing: one signup event, one notification per channel", step_notify),
+    "webhook": ("Outbound HTTP: the notify plugin POSTs a webhook to a local receiver", step_webhook),
+    "denied": ("Outbound HTTP denied: a message asks for a host its pipeline does not allow", step_denied),
     "dead-letter": ("Poison message: fib('abc') gets an error reply and lands in the DLQ", step_dead_letter),
 }
 
@@ -249,7 +315,10 @@ def main() -> int:
     ap.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2f")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds each step may take")
     ap.add_argument("--only", default=",".join(STEPS), help="comma-separated steps to run")
+    ap.add_argument("--webhook-log", help="file where scripts/demo/receiver.py records POSTs")
     args = ap.parse_args()
+    global WEBHOOK_LOG
+    WEBHOOK_LOG = args.webhook_log
     wanted = [s for s in args.only.split(",") if s]
     unknown = [s for s in wanted if s not in STEPS]
     if unknown:

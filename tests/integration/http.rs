@@ -296,6 +296,54 @@ async fn https_with_a_private_ca_needs_its_ca_file() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A wildcard rule end to end: the names are pinned to the test server with
+/// `resolve` (as curl's `--resolve` would), so the request goes through
+/// warren's real rule match, name lookup and connection, and the server sees
+/// the name in its Host header.
+#[tokio::test]
+async fn a_wildcard_rule_reaches_subdomains_pinned_with_resolve() -> anyhow::Result<()> {
+    let server =
+        HttpServer::start(|r| Reply::ok(format!("hi {}", r.header("host").unwrap_or(""))))?;
+    let port = server.port();
+    let q = unique("http-wild");
+    let pinned = [
+        "a.hooks.test",
+        "deep.b.hooks.test",
+        "hooks.test",
+        "evilhooks.test",
+    ]
+    .map(|n| format!("{n:?} = [\"127.0.0.1\"]"))
+    .join(", ");
+    let warren = start(config(&probe_with_http(
+        "http-wild",
+        &q,
+        "",
+        &format!("allowed_hosts = [\"http://*.hooks.test:{port}\"]\nresolve = {{ {pinned} }}"),
+    ))?)
+    .await?;
+    let m = warren.metrics().pipeline("http-wild").expect("metrics");
+    let mut rpc = RpcClient::connect().await?;
+    for host in ["a.hooks.test", "deep.b.hooks.test", "A.Hooks.Test."] {
+        let v = ask(&mut rpc, &q, &format!("http GET http://{host}:{port}/")).await?;
+        assert_eq!(v["status"], 200, "{host}: {v}");
+        assert_eq!(v["body"], format!("hi {host}:{port}"), "{host}");
+    }
+    // The wildcard matches subdomains only: not the parent itself, not a
+    // name that merely ends the same way, not another scheme.
+    for url in [
+        format!("http://hooks.test:{port}/"),
+        format!("http://evilhooks.test:{port}/"),
+        format!("https://a.hooks.test:{port}/"),
+    ] {
+        let v = ask(&mut rpc, &q, &format!("http GET {url}")).await?;
+        assert_eq!(v["error"], "denied", "{url}: {v}");
+    }
+    assert_eq!(server.received().len(), 3);
+    assert_eq!(m.http.denied_count(), 3);
+    warren.shutdown().await;
+    Ok(())
+}
+
 #[test]
 fn bad_http_settings_are_refused_naming_the_field() {
     let q = unique("http-bad");
@@ -317,6 +365,20 @@ fn bad_http_settings_are_refused_naming_the_field() {
             "http.max_requests_per_message",
         ),
         ("ca_file = \"/nonexistent/ca.pem\"", "http.ca_file"),
+        (
+            "resolve = { \"*.example.com\" = [\"10.0.0.1\"] }",
+            "no wildcards",
+        ),
+        ("resolve = { \"10.0.0.2\" = [\"10.0.0.1\"] }", "only names"),
+        ("resolve = { \"a.example\" = [] }", "at least one address"),
+        (
+            "resolve = { \"a.example\" = [\"not-an-ip\"] }",
+            "invalid IP address syntax",
+        ),
+        (
+            "resolve = { \"a.example\" = [\"10.0.0.1\"], \"A.example\" = [\"10.0.0.2\"] }",
+            "listed twice",
+        ),
         ("allowed = []", "unknown field"),
     ] {
         let err = match config(&probe_with_http("http-bad", &q, "", http)) {
@@ -325,7 +387,8 @@ fn bad_http_settings_are_refused_naming_the_field() {
         };
         assert!(err.contains(says), "{http}: {err}");
         assert!(
-            err.contains("http-bad") || err.contains("unknown field"),
+            // Errors found while parsing point at the line instead.
+            err.contains("http-bad") || err.contains("TOML parse error"),
             "{http}: {err}"
         );
     }

@@ -194,6 +194,296 @@ async fn js_router_publishes_acks_replies_dead_letters_and_survives_a_throw() ->
     Ok(())
 }
 
+/// `js_router` with `endpoint.<target>` set: those payloads are POSTed with
+/// `fetch` through warren's wasi:http to a real server, the others are still
+/// published; a 503 retries the whole event, a 404 dead-letters it, and a URL
+/// the pipeline does not allow or a refused connection makes `fetch` reject
+/// (retried, then parked).
+#[tokio::test]
+async fn js_router_posts_to_configured_endpoints_with_fetch() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use warren_tests::http_server::{HttpServer, Reply};
+
+    let Some(wasm) = polyglot_plugin("js_router") else {
+        return Ok(());
+    };
+    let pd_calls = Arc::new(AtomicUsize::new(0));
+    let n = pd_calls.clone();
+    let server = HttpServer::start(move |r| match r.path.as_str() {
+        // PagerDuty is busy the first time: the event is retried.
+        "/pd" if n.fetch_add(1, Ordering::Relaxed) == 0 => {
+            Reply::Respond(503, Vec::new(), b"busy".to_vec())
+        }
+        "/pd" => Reply::Respond(202, Vec::new(), b"{}".to_vec()),
+        "/gone" => Reply::Respond(404, Vec::new(), b"no such hook".to_vec()),
+        _ => Reply::ok("ok"),
+    })?;
+    let elsewhere = HttpServer::start(|_| Reply::ok("must not be reached"))?;
+    let origin = server.url("http", "");
+    let q = unique("js-fetch");
+    let bad = unique("js-fetch-bad");
+    let hooks = unique("js-fetch-hooks");
+    let extra = format!(
+        "concurrency = 1\n[[pipeline.output]]\nexchange = {hooks:?}\ntype = \"topic\"\n{FAST_RETRY}\
+         [pipeline.http]\nallowed_hosts = [{origin:?}]\n\
+         [pipeline.config]\nexchange = {hooks:?}\ntargets = \"slack\"\n\
+         \"targets.critical\" = \"slack,teams,pagerduty\"\n\"pagerduty.routing_key\" = \"pd-key\"\n\
+         \"endpoint.slack\" = {:?}\n\"endpoint.pagerduty\" = {:?}\n",
+        server.url("http", "/slack"),
+        server.url("http", "/pd"),
+    );
+    // Critical events go to an origin the pipeline does not allow, errors to
+    // an endpoint that answers 404, warnings to an allowed port where nothing
+    // listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let closed_origin = format!("http://{closed}");
+    let bad_extra = format!(
+        "{FAST_RETRY}[pipeline.http]\nallowed_hosts = [{origin:?}, {closed_origin:?}]\n\
+         [pipeline.config]\n\"targets.critical\" = \"slack\"\n\"targets.error\" = \"teams\"\n\
+         \"targets.warning\" = \"generic\"\n\
+         \"endpoint.slack\" = {:?}\n\"endpoint.teams\" = {:?}\n\"endpoint.generic\" = \"{closed_origin}/hook\"\n",
+        elsewhere.url("http", "/slack"),
+        server.url("http", "/gone"),
+    );
+    let toml = format!(
+        "{}{}",
+        crate::pipeline_at("js-fetch", &q, &wasm, &extra),
+        crate::pipeline_at("js-fetch-bad", &bad, &wasm, &bad_extra)
+    );
+    let warren = start(config(&toml)?).await?;
+    let client = Client::connect().await?;
+    let out = unique("js-fetch-out");
+    client.bound_queue(&out, &hooks, "webhook.#").await?;
+    let m = warren
+        .metrics()
+        .pipeline("js-fetch")
+        .expect("pipeline metrics");
+
+    let event = json!({"event": "deploy.failed", "severity": "critical", "service": "api",
+        "summary": "rollout of v42 failed", "fields": {"sha": "abc123"}});
+    client.send(&q, event.to_string().as_bytes()).await?;
+    // Attempt 1: Slack 200, PagerDuty 503; attempt 2: both again, both fine.
+    let got = server.wait_requests(4, WAIT).await?;
+    let mut paths: Vec<&str> = got.iter().map(|r| r.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(paths, ["/pd", "/pd", "/slack", "/slack"]);
+    for r in &got {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    let slack = got
+        .iter()
+        .find(|r| r.path == "/slack")
+        .expect("a slack POST");
+    let slack: Value = serde_json::from_slice(&slack.body)?;
+    assert_eq!(
+        slack["text"],
+        "*[CRITICAL]* api: rollout of v42 failed\n• sha: abc123"
+    );
+    let pd = got
+        .iter()
+        .find(|r| r.path == "/pd")
+        .expect("a pagerduty POST");
+    let pd: Value = serde_json::from_slice(&pd.body)?;
+    assert_eq!(pd["routing_key"], "pd-key");
+    assert_eq!(pd["payload"]["severity"], "critical");
+    // Teams has no endpoint: published, once, after the POSTs succeeded.
+    let d = client.take_one(&out, WAIT).await?;
+    assert_eq!(d.routing_key.as_str(), "webhook.teams");
+    client
+        .expect_empty(&out, Duration::from_millis(500))
+        .await?;
+    eventually(WAIT, || m.outcome_count(Disposition::Publish) == 1).await?;
+    assert_eq!(m.outcome_count(Disposition::Retry), 1);
+
+    // An RPC request says what was POSTed; nothing is published.
+    let mut rpc = RpcClient::connect().await?;
+    let r = rpc
+        .call(
+            &q,
+            br#"{"event": "user.signup", "summary": "ada joined"}"#,
+            WAIT,
+        )
+        .await?;
+    assert_eq!(
+        json_body(&r),
+        json!({"event": "user.signup", "sent": [], "posted": [{"target": "slack", "status": 200}]})
+    );
+    let got = server.wait_requests(5, WAIT).await?;
+    assert_eq!(got[4].path, "/slack");
+    client
+        .expect_empty(&out, Duration::from_millis(300))
+        .await?;
+
+    // Denied: the origin is not in allowed_hosts; nothing reaches it. fetch
+    // rejects as for any network error (componentize-js drops the error
+    // code), so the router retries, then the message is parked.
+    let dlq = format!("{bad}.dlq");
+    client
+        .send(
+            &bad,
+            br#"{"event": "db.down", "severity": "critical", "summary": "primary lost"}"#,
+        )
+        .await?;
+    let d = client.take_one(&dlq, WAIT).await?;
+    assert_eq!(
+        reason(&d),
+        format!(
+            "gave up after 3 attempts: slack endpoint {}: NetworkError when attempting to fetch resource",
+            elsewhere.url("http", "/slack")
+        )
+    );
+    assert_eq!(
+        elsewhere.accepted(),
+        0,
+        "a denied request reached its server"
+    );
+    let mb = warren
+        .metrics()
+        .pipeline("js-fetch-bad")
+        .expect("pipeline metrics");
+    assert_eq!(mb.http.denied_count(), 3);
+    assert_eq!(mb.failure_count(FailureKind::Trap), 0);
+
+    // A 404 dead-letters with the status and the start of the body.
+    client
+        .send(
+            &bad,
+            br#"{"event": "job.failed", "severity": "error", "summary": "nightly"}"#,
+        )
+        .await?;
+    let d = client.take_one(&dlq, WAIT).await?;
+    assert_eq!(
+        reason(&d),
+        format!(
+            "teams endpoint {} answered 404: no such hook",
+            server.url("http", "/gone")
+        )
+    );
+
+    // A refused connection rejects too (warren reads the body before it
+    // answers; componentize-js would trap on a failed body write): retried,
+    // then parked, never a trap.
+    client
+        .send(
+            &bad,
+            br#"{"event": "disk.full", "severity": "warning", "summary": "90%"}"#,
+        )
+        .await?;
+    let d = client.take_one(&dlq, WAIT).await?;
+    assert_eq!(
+        reason(&d),
+        format!(
+            "gave up after 3 attempts: generic endpoint {closed_origin}/hook: NetworkError when attempting to fetch resource"
+        )
+    );
+    assert_eq!(mb.failure_count(FailureKind::Trap), 0);
+    warren.shutdown().await;
+    Ok(())
+}
+
+/// `py_webhook`, the Python example of docs/plugins-python.md "Calling an HTTP
+/// service": it POSTs each message to a real server through wasi:http; 503
+/// retries, Retry-After included; 4xx and a URL the pipeline does not allow
+/// dead-letter.
+#[tokio::test]
+async fn py_webhook_posts_through_wasi_http() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use warren_tests::http_server::{HttpServer, Reply};
+
+    let Some(wasm) = polyglot_plugin("py_webhook") else {
+        return Ok(());
+    };
+    let busy_calls = Arc::new(AtomicUsize::new(0));
+    let n = busy_calls.clone();
+    let server = HttpServer::start(move |r| match r.path.as_str() {
+        "/busy" if n.fetch_add(1, Ordering::Relaxed) == 0 => {
+            Reply::Respond(503, vec![("retry-after".into(), "1".into())], Vec::new())
+        }
+        "/gone" => Reply::Respond(404, Vec::new(), b"no such hook".to_vec()),
+        _ => Reply::Respond(204, Vec::new(), Vec::new()),
+    })?;
+    let elsewhere = HttpServer::start(|_| Reply::ok("must not be reached"))?;
+    let origin = server.url("http", "");
+    let retry = "[pipeline.retry]\nmax_attempts = 3\ninitial_delay_ms = 100\nmax_delay_ms = 1600\njitter = 0.0\n";
+    let mut toml = String::new();
+    let mut queues = Vec::new();
+    for (name, url) in [
+        ("py-hook", server.url("http", "/hook?x=1")),
+        ("py-hook-busy", server.url("http", "/busy")),
+        ("py-hook-gone", server.url("http", "/gone")),
+        ("py-hook-denied", elsewhere.url("http", "/hook")),
+    ] {
+        let q = unique(name);
+        let extra = format!(
+            "{retry}[pipeline.http]\nallowed_hosts = [{origin:?}]\n[pipeline.config]\nurl = {url:?}\n"
+        );
+        toml.push_str(&crate::pipeline_at(name, &q, &wasm, &extra));
+        queues.push(q);
+    }
+    let warren = start(config(&toml)?).await?;
+    let client = Client::connect().await?;
+
+    // Delivered: the body and its content type, as sent; the message is acked.
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    client
+        .publish("", &queues[0], br#"{"text":"hello"}"#, props)
+        .await?;
+    let got = server.wait_requests(1, WAIT).await?;
+    assert_eq!(got[0].method, "POST");
+    assert_eq!(got[0].path, "/hook?x=1");
+    assert_eq!(got[0].body, br#"{"text":"hello"}"#);
+    assert_eq!(got[0].header("content-type"), Some("application/json"));
+    let m = warren.metrics().pipeline("py-hook").expect("metrics");
+    eventually(WAIT, || m.outcome_count(Disposition::Ack) == 1).await?;
+    // An RPC request is answered with the status.
+    let mut rpc = RpcClient::connect().await?;
+    let r = rpc.call(&queues[0], b"ping", WAIT).await?;
+    assert_eq!(json_body(&r), json!({"status": 204}));
+
+    // 503 with Retry-After: 1 s is retried in the 1600 ms tier, then delivered.
+    client.send(&queues[1], b"later").await?;
+    // Two /hook requests came before.
+    let got = server.wait_requests(4, WAIT).await?;
+    let busy: Vec<_> = got.into_iter().filter(|r| r.path == "/busy").collect();
+    assert_eq!(busy.len(), 2);
+    let gap = busy[1].at - busy[0].at;
+    assert!(gap >= Duration::from_millis(1600), "retried after {gap:?}");
+    let mb = warren.metrics().pipeline("py-hook-busy").expect("metrics");
+    eventually(WAIT, || mb.outcome_count(Disposition::Ack) == 1).await?;
+    assert_eq!(mb.outcome_count(Disposition::Retry), 1);
+
+    // 404: parked with the status and the body.
+    client.send(&queues[2], b"x").await?;
+    let d = client.take_one(&format!("{}.dlq", queues[2]), WAIT).await?;
+    assert_eq!(
+        reason(&d),
+        format!(
+            "webhook {} answered 404: no such hook",
+            server.url("http", "/gone")
+        )
+    );
+
+    // Not allowed: parked at once, and nothing reached the other server.
+    client.send(&queues[3], b"x").await?;
+    let d = client.take_one(&format!("{}.dlq", queues[3]), WAIT).await?;
+    assert_eq!(
+        reason(&d),
+        format!(
+            "webhook {}: denied (add its origin to [pipeline.http] allowed_hosts)",
+            elsewhere.url("http", "/hook")
+        )
+    );
+    assert_eq!(header(&d, "x-warren-attempts").as_deref(), Some("1"));
+    assert_eq!(elsewhere.accepted(), 0);
+    warren.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_a_raise()
 -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! The scenarios, one module each, plus what several of them share: draining
 //! a pre-filled queue with warren or with a baseline and measuring the rate.
 
+pub mod http;
 pub mod isolation;
 pub mod memory;
 pub mod overhead;

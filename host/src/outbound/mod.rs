@@ -6,9 +6,10 @@
 //! 1. the pipeline grants HTTP at all, and the message has requests left
 //!    (`max_requests_per_message`);
 //! 2. scheme, host and port match a rule of `allowed_hosts`;
-//! 3. the name is resolved by warren, and unless the matching rule names the
-//!    host literally, no address it resolves to may be internal (loopback,
-//!    link-local, private, ...: `addr::refused_range`);
+//! 3. the name is resolved by warren (or taken from the pipeline's `resolve`
+//!    table), and unless the matching rule names the host literally or the
+//!    addresses come from `resolve`, no address it resolves to may be internal
+//!    (loopback, link-local, private, ...: `addr::refused_range`);
 //! 4. warren connects to the addresses it checked, never resolving again.
 //!
 //! Every wait is bounded by the request's deadline: `timeout_ms` from its
@@ -19,6 +20,8 @@ mod metrics;
 mod rules;
 mod send;
 
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +63,12 @@ pub struct HttpConfig {
     /// PEM file of CA certificates trusted for HTTPS besides the system's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Host names answered from here instead of DNS, like curl's
+    /// `--resolve`: `{ "hooks.internal.example" = ["10.1.2.3"] }`. The
+    /// operator wrote these addresses, so they count as named literally
+    /// (internal ranges are not refused for them).
+    #[serde(default)]
+    pub resolve: BTreeMap<String, Vec<IpAddr>>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -88,8 +97,31 @@ impl HttpConfig {
         if let Some(ca) = &self.ca_file {
             send::tls_config(Some(ca)).context("http.ca_file")?;
         }
+        resolve_table(&self.resolve).context("http.resolve")?;
         Ok(())
     }
+}
+
+/// `resolve` keyed by the normalised name (`Host::parse`), so that a request
+/// to `Hooks.Example.` finds the entry for `hooks.example`.
+fn resolve_table(table: &BTreeMap<String, Vec<IpAddr>>) -> Result<HashMap<String, Vec<IpAddr>>> {
+    let mut out = HashMap::with_capacity(table.len());
+    for (name, addrs) in table {
+        if name.contains('*') {
+            bail!("{name:?}: names only, no wildcards (each name is pinned on its own)");
+        }
+        let name = match Host::parse(name)? {
+            Host::Name(n) => n,
+            Host::Ip(_) => bail!("{name:?} is an address already; only names are resolved"),
+        };
+        if addrs.is_empty() {
+            bail!("{name:?}: give at least one address");
+        }
+        if out.insert(name.clone(), addrs.clone()).is_some() {
+            bail!("{name:?} is listed twice (names are compared in lower case)");
+        }
+    }
+    Ok(out)
 }
 
 /// One pipeline's grant, built at start: the parsed rules, the limits, and
@@ -101,6 +133,8 @@ pub struct HttpPolicy {
     max_response_bytes: u64,
     max_requests: u32,
     tls: Result<Arc<rustls::ClientConfig>, String>,
+    /// `resolve`, normalised: these names are never looked up in DNS.
+    pinned: HashMap<String, Vec<IpAddr>>,
     metrics: Arc<HttpMetrics>,
 }
 
@@ -120,6 +154,8 @@ impl HttpPolicy {
     pub fn new(pipeline: &str, config: &HttpConfig, metrics: Arc<HttpMetrics>) -> Result<Self> {
         let rules = AllowList::parse(&config.allowed_hosts)
             .with_context(|| format!("pipeline {pipeline:?}: http.allowed_hosts"))?;
+        let pinned = resolve_table(&config.resolve)
+            .with_context(|| format!("pipeline {pipeline:?}: http.resolve"))?;
         let tls = send::tls_config(config.ca_file.as_deref()).map_err(|e| {
             let e = format!("{e:#}");
             tracing::error!(pipeline, error = %e, "HTTPS for plugins is unavailable");
@@ -132,6 +168,7 @@ impl HttpPolicy {
             max_response_bytes: config.max_response_bytes,
             max_requests: config.max_requests_per_message,
             tls,
+            pinned,
             metrics,
         })
     }
@@ -146,6 +183,7 @@ impl HttpPolicy {
             max_response_bytes: 0,
             max_requests: 0,
             tls: Err("outbound HTTP is not granted".into()),
+            pinned: HashMap::new(),
             metrics,
         }
     }
@@ -192,8 +230,15 @@ impl CallHttp {
         self.shared.cut_by_deadline.load(Ordering::Relaxed)
     }
 
-    /// Refuse a request: logged once per message, counted every time.
-    fn deny(&self, target: &str, rule: &str, why: &str) -> SendFuture {
+    /// Refuse a request: logged once per message, counted every time. The
+    /// answer waits for the request body (`drain`).
+    fn deny(
+        &self,
+        request: http::Request<WasiBody>,
+        target: &str,
+        rule: &str,
+        why: &str,
+    ) -> SendFuture {
         deny(
             &self.pipeline,
             self.policy.as_deref(),
@@ -202,8 +247,29 @@ impl CallHttp {
             rule,
             why,
         );
-        Box::new(async { Err(HttpError::HttpRequestDenied) })
+        let deadline = self.deadline;
+        Box::new(async move {
+            drain(request.into_body(), deadline).await;
+            Err(HttpError::HttpRequestDenied)
+        })
     }
+}
+
+/// Read a request body to its end (or the first error), throwing it away, at
+/// most until `deadline`. A request that fails before its body is sent
+/// (denied, refused, unresolvable) waits for it so that the plugin's writes
+/// succeed and it sees the failure as the request's result: componentize-js
+/// 0.23.0 (StarlingMonkey) aborts the whole call when a body write fails,
+/// so a failed `fetch` POST would trap instead of rejecting.
+async fn drain(mut body: WasiBody, deadline: Instant) {
+    let read = async {
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read).await;
 }
 
 fn deny(
@@ -253,6 +319,7 @@ impl WasiHttpHooks for CallHttp {
         );
         let Some(policy) = self.policy.clone() else {
             return self.deny(
+                request,
                 &shown,
                 "-",
                 "outbound HTTP is not granted to this pipeline (no [pipeline.http])",
@@ -261,29 +328,34 @@ impl WasiHttpHooks for CallHttp {
         let scheme = match uri.scheme_str() {
             Some("http") => Scheme::Http,
             Some("https") => Scheme::Https,
-            _ => return self.deny(&shown, "-", "only http and https are allowed"),
+            _ => return self.deny(request, &shown, "-", "only http and https are allowed"),
         };
         let Some(authority) = uri.authority() else {
-            return self.deny(&shown, "-", "the request names no host");
+            return self.deny(request, &shown, "-", "the request names no host");
         };
         if authority.as_str().contains('@') {
-            return self.deny(&shown, "-", "user information in the URL is not allowed");
+            return self.deny(
+                request,
+                &shown,
+                "-",
+                "user information in the URL is not allowed",
+            );
         }
         let host = match Host::parse(authority.host()) {
             Ok(h) => h,
-            Err(e) => return self.deny(&shown, "-", &format!("{e:#}")),
+            Err(e) => return self.deny(request, &shown, "-", &format!("{e:#}")),
         };
         let port = authority.port_u16().unwrap_or(scheme.default_port());
         let Some(rule) = policy.rules.find(scheme, &host, port).cloned() else {
             let why = policy.rules.explain_miss(scheme, &host, port);
-            return self.deny(&shown, "-", &why);
+            return self.deny(request, &shown, "-", &why);
         };
         if self.requests >= policy.max_requests {
             let why = format!(
                 "the message made {} requests already (http.max_requests_per_message)",
                 self.requests
             );
-            return self.deny(&shown, &rule.text, &why);
+            return self.deny(request, &shown, &rule.text, &why);
         }
         self.requests = self.requests.saturating_add(1);
         let target = send::Target {

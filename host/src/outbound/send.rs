@@ -94,71 +94,14 @@ async fn exchange(
     target: &Target,
     mut request: http::Request<WasiBody>,
 ) -> SendResult {
-    let addrs = resolve(call, target).await?;
-
-    // Connect to the addresses that were checked, in the resolver's order.
-    let connect_by = call.step_deadline(call.options.and_then(|o| o.connect_timeout));
-    let mut last_err = None;
-    let mut stream = None;
-    for addr in addrs {
-        match tokio::time::timeout_at(connect_by, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                stream = Some(s);
-                break;
-            }
-            Ok(Err(e)) => last_err = Some(e),
-            Err(_) => {
-                call.expired();
-                return Err(HttpError::ConnectionTimeout);
-            }
-        }
-    }
-    let Some(stream) = stream else {
-        return Err(last_err.map_or(HttpError::DestinationUnavailable, HttpError::Connect));
-    };
-    let _ = stream.set_nodelay(true);
-
-    let io: Box<dyn Stream> = match target.scheme {
-        Scheme::Http => Box::new(stream),
-        Scheme::Https => {
-            let tls = match &call.policy.tls {
-                Ok(t) => t.clone(),
-                Err(e) => {
-                    tracing::warn!(pipeline = %call.policy.pipeline, error = %e, "HTTPS request failed: no TLS configuration");
-                    return Err(HttpError::TlsCertificateError);
-                }
-            };
-            let name = match &target.host {
-                Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
-                Host::Name(n) => {
-                    ServerName::try_from(n.clone()).map_err(|_| HttpError::DnsError {
-                        rcode: Some("invalid DNS name".to_string()),
-                        info_code: None,
-                    })?
-                }
-            };
-            let connector = tokio_rustls::TlsConnector::from(tls);
-            match tokio::time::timeout_at(connect_by, connector.connect(name, stream)).await {
-                Ok(Ok(s)) => Box::new(s),
-                Ok(Err(e)) => return Err(HttpError::Tls(e)),
-                Err(_) => {
-                    call.expired();
-                    return Err(HttpError::ConnectionTimeout);
-                }
-            }
-        }
-    };
-
-    let (mut sender, conn) = match tokio::time::timeout_at(
-        connect_by,
-        hyper::client::conn::http1::handshake(TokioIo::new(io)),
-    )
-    .await
-    {
-        Ok(r) => r?,
-        Err(_) => {
-            call.expired();
-            return Err(HttpError::ConnectionTimeout);
+    let (mut sender, conn) = match connect(call, target).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Read the body the plugin is writing before it hears of the
+            // failure (see `super::drain`): dropping it now would fail its
+            // writes first, which componentize-js turns into a trap.
+            super::drain(request.into_body(), call.deadline).await;
+            return Err(e);
         }
     };
 
@@ -231,6 +174,83 @@ async fn exchange(
     Ok((response, Box::new(driver)))
 }
 
+/// The sending half of an HTTP/1.1 connection, and its driver.
+type Connected = (
+    hyper::client::conn::http1::SendRequest<WasiBody>,
+    hyper::client::conn::http1::Connection<TokioIo<Box<dyn Stream>>, WasiBody>,
+);
+
+/// Resolve (checking the addresses), connect, TLS, HTTP/1.1 handshake.
+async fn connect(call: &Call, target: &Target) -> Result<Connected, HttpError> {
+    let addrs = resolve(call, target).await?;
+
+    // Connect to the addresses that were checked, in the resolver's order.
+    let connect_by = call.step_deadline(call.options.and_then(|o| o.connect_timeout));
+    let mut last_err = None;
+    let mut stream = None;
+    for addr in addrs {
+        match tokio::time::timeout_at(connect_by, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last_err = Some(e),
+            Err(_) => {
+                call.expired();
+                return Err(HttpError::ConnectionTimeout);
+            }
+        }
+    }
+    let Some(stream) = stream else {
+        return Err(last_err.map_or(HttpError::DestinationUnavailable, HttpError::Connect));
+    };
+    let _ = stream.set_nodelay(true);
+
+    let io: Box<dyn Stream> = match target.scheme {
+        Scheme::Http => Box::new(stream),
+        Scheme::Https => {
+            let tls = match &call.policy.tls {
+                Ok(t) => t.clone(),
+                Err(e) => {
+                    tracing::warn!(pipeline = %call.policy.pipeline, error = %e, "HTTPS request failed: no TLS configuration");
+                    return Err(HttpError::TlsCertificateError);
+                }
+            };
+            let name = match &target.host {
+                Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+                Host::Name(n) => {
+                    ServerName::try_from(n.clone()).map_err(|_| HttpError::DnsError {
+                        rcode: Some("invalid DNS name".to_string()),
+                        info_code: None,
+                    })?
+                }
+            };
+            let connector = tokio_rustls::TlsConnector::from(tls);
+            match tokio::time::timeout_at(connect_by, connector.connect(name, stream)).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => return Err(HttpError::Tls(e)),
+                Err(_) => {
+                    call.expired();
+                    return Err(HttpError::ConnectionTimeout);
+                }
+            }
+        }
+    };
+
+    match tokio::time::timeout_at(
+        connect_by,
+        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+    )
+    .await
+    {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            call.expired();
+            Err(HttpError::ConnectionTimeout)
+        }
+    }
+}
+
 /// The addresses to connect to: an IP literal as is; a name resolved once,
 /// each address checked unless the rule names the host literally.
 async fn resolve(call: &Call, target: &Target) -> Result<Vec<SocketAddr>, HttpError> {
@@ -240,6 +260,15 @@ async fn resolve(call: &Call, target: &Target) -> Result<Vec<SocketAddr>, HttpEr
         Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, target.port)]),
         Host::Name(n) => n.clone(),
     };
+    // Pinned by the operator in `resolve`: no DNS, and no range check (the
+    // check is against names that DNS points inward, not against addresses
+    // the configuration names).
+    if let Some(ips) = call.policy.pinned.get(&name) {
+        return Ok(ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, target.port))
+            .collect());
+    }
     let by = call.step_deadline(None);
     let addrs: Vec<SocketAddr> =
         match tokio::time::timeout_at(by, tokio::net::lookup_host((name.as_str(), target.port)))

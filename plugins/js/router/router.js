@@ -1,6 +1,8 @@
 // router.js — the `js_router` example plugin: turns one JSON event into one
 // webhook payload per chat/incident target (Slack, Microsoft Teams, PagerDuty,
-// or the event as-is) and publishes them, choosing the targets by severity.
+// or the event as-is), choosing the targets by severity. A target with a
+// configured endpoint gets its payload POSTed there with `fetch` (the pipeline
+// must allow the endpoint's origin in [pipeline.http]); the others are published.
 // Built into plugins/dist/js_router.wasm by scripts/build-plugins.sh;
 // docs/plugins-js.md walks through it.
 //
@@ -13,6 +15,16 @@
 //   targets.<severity>     targets for one severity, e.g. targets.critical = "slack,pagerduty"
 //   min_severity           events below it are dropped (acked); default "info"
 //   pagerduty.routing_key  integration key put into PagerDuty payloads
+//   endpoint.<target>      URL the target's payload is POSTed to instead of being
+//                          published, e.g. endpoint.slack = "https://hooks.slack.com/services/..."
+// A POST answered 2xx is done; 429 and 5xx retry the message (honouring
+// Retry-After in seconds); another status dead-letters it with the status and
+// the start of the body. A rejected fetch (failed connection, timeout, or a
+// URL the pipeline does not allow: they look the same, see fetchFailed) is
+// retried, and dead-lettered when the attempts run out. Targets
+// are POSTed concurrently; a retry POSTs every target of the event again
+// (at-least-once per endpoint), and nothing is published before all POSTs
+// succeeded.
 // An RPC request (one with reply-to) publishes the same payloads and answers the
 // caller with what was sent. A header `x-fault: trap` throws, to show that an
 // uncaught exception fails only its own message.
@@ -34,6 +46,7 @@ const reply = (body, publishAlso) => ({
   val: { body: json(body), contentType: JSON_TYPE, headers: [], publish: publishAlso },
 });
 const deadLetter = (reason) => ({ tag: 'dead-letter', val: reason });
+const retry = (reason, delayMs) => ({ tag: 'retry', val: { reason, delayMs } });
 
 const json = (value) => encoder.encode(JSON.stringify(value));
 
@@ -124,25 +137,92 @@ function route(msg) {
     return ack();
   }
   const exchange = config('exchange') ?? 'webhooks';
-  const outgoing = targetsFor(e.severity).map((target) => ({
-    exchange,
-    routingKey: `webhook.${target}`,
-    body: json(formatters[target](e)),
-    contentType: JSON_TYPE,
-    headers: [
-      ['x-event', e.event],
-      ['x-severity', e.severity],
-      ['x-target', target],
-    ],
-  }));
-  log('info', `${e.event} (${e.severity}) -> ${outgoing.map((o) => o.routingKey).join(', ')}`);
-  if (msg.replyTo != null) {
-    return reply({ event: e.event, sent: outgoing.map((o) => ({ exchange, routing_key: o.routingKey })) }, outgoing);
+  const targets = targetsFor(e.severity);
+  const posts = [];
+  const outgoing = [];
+  for (const target of targets) {
+    const body = json(formatters[target](e));
+    const endpoint = config(`endpoint.${target}`)?.trim();
+    if (endpoint) {
+      posts.push({ target, url: endpoint, body });
+      continue;
+    }
+    outgoing.push({
+      exchange,
+      routingKey: `webhook.${target}`,
+      body,
+      contentType: JSON_TYPE,
+      headers: [
+        ['x-event', e.event],
+        ['x-severity', e.severity],
+        ['x-target', target],
+      ],
+    });
   }
-  return publish(outgoing);
+  const done = (posted) => {
+    const where = [...posted.map((p) => `POST ${p.target}`), ...outgoing.map((o) => o.routingKey)];
+    log('info', `${e.event} (${e.severity}) -> ${where.join(', ')}`);
+    if (msg.replyTo != null) {
+      const answer = { event: e.event, sent: outgoing.map((o) => ({ exchange, routing_key: o.routingKey })) };
+      if (posted.length > 0) answer.posted = posted;
+      return reply(answer, outgoing);
+    }
+    return outgoing.length > 0 ? publish(outgoing) : ack();
+  };
+  // Without endpoints nothing waits, and `handle` stays synchronous.
+  if (posts.length === 0) return done([]);
+  return Promise.all(posts.map(post)).then((results) => {
+    const failed = results.filter((r) => r.outcome !== undefined);
+    if (failed.length === 0) return done(results.map(({ target, status }) => ({ target, status })));
+    // One target that cannot succeed parks the event; otherwise the longest
+    // requested delay wins.
+    const dead = failed.find((r) => r.outcome.tag === 'dead-letter');
+    if (dead) return dead.outcome;
+    const reason = failed.map((r) => r.outcome.val.reason).join('; ');
+    const delays = failed.map((r) => r.outcome.val.delayMs).filter((d) => d !== undefined);
+    return retry(reason, delays.length > 0 ? Math.max(...delays) : undefined);
+  });
+}
+
+// Longest piece of an endpoint's error response kept in a dead-letter reason.
+const BODY_IN_REASON = 200;
+// warren caps a retry delay at its longest tier anyway; this keeps it a u32.
+const MAX_DELAY_MS = 86_400_000;
+
+// POST one payload. Resolves to { target, status } when delivered, or with
+// `outcome` set to what the message should do instead. Never rejects.
+async function post({ target, url, body }) {
+  let res;
+  try {
+    res = await fetch(url, { method: 'POST', headers: { 'content-type': JSON_TYPE }, body });
+  } catch (err) {
+    return { target, outcome: fetchFailed(target, url, err) };
+  }
+  const status = res.status;
+  if (res.ok) return { target, status };
+  const reason = `${target} endpoint ${url} answered ${status}`;
+  if (status === 429 || status >= 500) {
+    const after = Number(res.headers.get('retry-after'));
+    const delay = Number.isFinite(after) && after > 0 ? Math.min(after * 1000, MAX_DELAY_MS) : undefined;
+    return { target, outcome: retry(reason, delay) };
+  }
+  const text = (await res.text().catch(() => '')).slice(0, BODY_IN_REASON);
+  return { target, outcome: deadLetter(`${reason}: ${text}`) };
+}
+
+// A rejected fetch: the connection failed or timed out, or warren refused the
+// URL. componentize-js 0.23.0 rejects all of them with the same TypeError
+// ("NetworkError when attempting to fetch resource"): StarlingMonkey drops
+// wasi:http's error code, so a denial cannot be told apart here. They are all
+// retried; a denial ends in the dead-letter queue once the attempts run out,
+// and warren's log and warren_http_denied_total say it was one.
+function fetchFailed(target, url, err) {
+  return retry(`${target} endpoint ${url}: ${String(err?.message ?? err)}`);
 }
 
 // The exported interface `handler` is an object with one method per function.
+// It returns a Promise when the event is POSTed somewhere: componentize-js
+// then runs the event loop until the Promise settles.
 export const handler = {
   handle(msg) {
     try {

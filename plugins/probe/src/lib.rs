@@ -29,6 +29,7 @@
 //! | `outage <ms> <reason>` | `host.report-outage(ms, reason)`, then retry with the reason |
 //! | `http <method> <url> [body]` | one HTTP request; reply with its result as JSON (below) |
 //! | `http-n <n> <url>` | `n` GET requests, stopping at the first failure; reply as `http` for the last |
+//! | `http-publish <url> <exchange> <routing_key> <id>` | POST `id` to `url`; on 2xx publish `id`, else dead-letter with reason `id` |
 //!
 //! The JSON of `http`: `{"status": 200, "len": 5, "body": "<first 200 bytes>",
 //! "location": null, "requests": 1}`, or `{"error": "denied|timeout|too-large|other",
@@ -187,6 +188,18 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
                 done += 1;
             }
             http_reply(last, done)
+        }
+        "http-publish" => {
+            // A handler whose effect depends on a service: the conservation
+            // test mixes these with the other outcomes.
+            let (url, rest) = args.split_once(' ').unwrap_or((args, ""));
+            let [exchange, key, id] = split3(rest)?;
+            match http::request(http::Method::Post, url).body(id).send() {
+                Ok(res) if (200..300).contains(&res.status) => {
+                    Outcome::publish([Outgoing::new(exchange, key, id)])
+                }
+                _ => Outcome::dead_letter(id),
+            }
         }
         "print" => {
             println!("{args}");
