@@ -65,6 +65,9 @@ pub struct Options {
     pub python: Option<PathBuf>,
     /// Directory holding the peer scripts (`pika_consumer.py`, `celery_noop.py`).
     pub peers_dir: PathBuf,
+    /// A `node_modules` directory with amqplib, for the Node peer of the
+    /// polyglot scenario (`node` from the PATH runs it).
+    pub node_modules: Option<PathBuf>,
 }
 
 impl Options {
@@ -93,11 +96,14 @@ pub enum Scenario {
     Reload,
     /// 7. pika and Celery doing the same no-op (needs `python`).
     Peers,
+    /// 9. the Python, JavaScript and C examples, fresh and reused, next to
+    ///    Celery and a Node consumer doing the same work.
+    Polyglot,
 }
 
 impl Scenario {
     /// All scenarios, in table order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Throughput,
         Scenario::Publish,
         Scenario::Rpc,
@@ -106,6 +112,7 @@ impl Scenario {
         Scenario::Isolation,
         Scenario::Peers,
         Scenario::Reload,
+        Scenario::Polyglot,
     ];
 
     /// Short name used in the table and on the command line.
@@ -119,6 +126,7 @@ impl Scenario {
             Scenario::Isolation => "isolation",
             Scenario::Peers => "peers",
             Scenario::Reload => "reload",
+            Scenario::Polyglot => "polyglot",
         }
     }
 
@@ -133,6 +141,7 @@ impl Scenario {
             Scenario::Isolation => 6,
             Scenario::Peers => 7,
             Scenario::Reload => 8,
+            Scenario::Polyglot => 9,
         }
     }
 }
@@ -148,5 +157,6 @@ pub async fn run_scenario(opts: &Options, s: Scenario) -> Result<Vec<Row>> {
         Scenario::Isolation => scenarios::isolation::run(opts).await,
         Scenario::Peers => scenarios::peers::run(opts).await,
         Scenario::Reload => scenarios::reload::run(opts).await,
+        Scenario::Polyglot => scenarios::polyglot::run(opts).await,
     }
 }
