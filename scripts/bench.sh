@@ -12,13 +12,16 @@
 #
 # It builds warren and warren-bench in release mode, builds the plugins, starts
 # a private broker for benchmarks (port 5702, state in .broker/bench; a running
-# one is reused and left running) and, for the peers scenario, installs pika and
-# celery into a venv (if that fails, the scenario is skipped with a note).
+# one is reused and left running) and, for the peers and polyglot scenarios,
+# installs pika and celery into a venv (PyPI) and amqplib for the Node peer
+# (npm, bench/peers/node/package.json); a peer whose install fails is skipped
+# with a note.
 #
 # Env: CARGO_TARGET_DIR          build output (default $HOME/.cache/warren/target)
 #      WARREN_BENCH_BROKER_PORT  AMQP port of the benchmark broker (default 5702)
 #      WARREN_BENCH_BROKER_DIR   its state directory (default <repo>/.broker/bench)
 #      WARREN_BENCH_VENV         Python venv for peers (default $HOME/.cache/warren/bench-venv)
+#      WARREN_BENCH_NODE_DIR     npm install of the Node peer (default $HOME/.cache/warren/bench-node)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +31,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/warren/target}
 export BROKER_PORT=${WARREN_BENCH_BROKER_PORT:-5702}
 export BROKER_DIR=${WARREN_BENCH_BROKER_DIR:-$repo/.broker/bench}
 venv=${WARREN_BENCH_VENV:-$HOME/.cache/warren/bench-venv}
+node_dir=${WARREN_BENCH_NODE_DIR:-$HOME/.cache/warren/bench-node}
 broker=$repo/scripts/broker.sh
 
 log() { echo "bench.sh: $*" >&2; }
@@ -94,6 +98,24 @@ if [ "$peers" = 1 ]; then
   fi
 fi
 
+node_args=()
+if [ "$peers" = 1 ]; then
+  node_pkg=$repo/bench/peers/node/package.json
+  if [ -f "$node_dir/node_modules/amqplib/package.json" ] && cmp -s "$node_pkg" "$node_dir/package.json"; then
+    node_args=(--node-modules "$node_dir/node_modules")
+  elif ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "node/npm not found: the Node peer of the polyglot scenario will be skipped"
+  else
+    log "installing amqplib into $node_dir (for the polyglot scenario's Node peer)"
+    if rm -rf "$node_dir" && mkdir -p "$node_dir" && cp "$node_pkg" "$node_dir/" &&
+       (cd "$node_dir" && npm install --ignore-scripts --no-audit --no-fund --loglevel=error >&2); then
+      node_args=(--node-modules "$node_dir/node_modules")
+    else
+      log "could not install amqplib from npm: the Node peer of the polyglot scenario will be skipped"
+    fi
+  fi
+fi
+
 log "running (broker $broker_url)"
 "$CARGO_TARGET_DIR/release/warren-bench" run \
   --broker-url "$broker_url" \
@@ -102,4 +124,4 @@ log "running (broker $broker_url)"
   --work-dir "${TMPDIR:-/tmp}/warren-bench" \
   --out-dir "$repo/bench/results" \
   --command-line "scripts/bench.sh${*:+ $*}" \
-  "${python_args[@]}" "${args[@]}"
+  "${python_args[@]}" "${node_args[@]}" "${args[@]}"

@@ -65,6 +65,9 @@ pub struct Options {
     pub python: Option<PathBuf>,
     /// Directory holding the peer scripts (`pika_consumer.py`, `celery_noop.py`).
     pub peers_dir: PathBuf,
+    /// A `node_modules` directory with amqplib, for the Node peer of the
+    /// polyglot scenario (`node` from the PATH runs it).
+    pub node_modules: Option<PathBuf>,
 }
 
 impl Options {
@@ -95,11 +98,14 @@ pub enum Scenario {
     Peers,
     /// 9. one HTTP POST by a plugin vs the same POST from a plain Rust client.
     Http,
+    /// 10. the Python, JavaScript and C examples, fresh and reused, next to
+    ///     Celery and a Node consumer doing the same work.
+    Polyglot,
 }
 
 impl Scenario {
     /// All scenarios, in table order.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Throughput,
         Scenario::Publish,
         Scenario::Rpc,
@@ -109,6 +115,7 @@ impl Scenario {
         Scenario::Peers,
         Scenario::Reload,
         Scenario::Http,
+        Scenario::Polyglot,
     ];
 
     /// Short name used in the table and on the command line.
@@ -123,6 +130,7 @@ impl Scenario {
             Scenario::Peers => "peers",
             Scenario::Reload => "reload",
             Scenario::Http => "http",
+            Scenario::Polyglot => "polyglot",
         }
     }
 
@@ -138,6 +146,7 @@ impl Scenario {
             Scenario::Peers => 7,
             Scenario::Reload => 8,
             Scenario::Http => 9,
+            Scenario::Polyglot => 10,
         }
     }
 }
@@ -154,5 +163,6 @@ pub async fn run_scenario(opts: &Options, s: Scenario) -> Result<Vec<Row>> {
         Scenario::Peers => scenarios::peers::run(opts).await,
         Scenario::Reload => scenarios::reload::run(opts).await,
         Scenario::Http => scenarios::http::run(opts).await,
+        Scenario::Polyglot => scenarios::polyglot::run(opts).await,
     }
 }

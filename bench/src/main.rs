@@ -114,6 +114,10 @@ struct RunArgs {
     /// Python with pika and celery, for the peers scenario.
     #[arg(long)]
     python: Option<PathBuf>,
+    /// A node_modules directory with amqplib, for the Node peer of the
+    /// polyglot scenario.
+    #[arg(long)]
+    node_modules: Option<PathBuf>,
     /// How to describe the command in the report (set by scripts/bench.sh).
     #[arg(long, hide = true)]
     command_line: Option<String>,
@@ -236,6 +240,7 @@ async fn run(a: RunArgs) -> Result<bool> {
         warren_cmd,
         python: a.python,
         peers_dir: manifest.join("peers"),
+        node_modules: a.node_modules,
     };
     let scenarios = if a.scenarios.is_empty() {
         Scenario::ALL.to_vec()

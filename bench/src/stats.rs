@@ -69,13 +69,56 @@ pub struct Rate {
 
 /// CPU time (user + system) of this process so far, in clock ticks.
 pub fn process_cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|(_, t)| t)
+}
+
+/// Parent pid and CPU ticks (user + system) from a `/proc/<pid>/stat` line.
+fn stat_cpu(stat: &str) -> Option<(u32, u64)> {
     // Fields after the command name (which may contain spaces) start at "state".
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
+    let ppid: u32 = f.get(1)?.parse().ok()?;
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((ppid, utime + stime))
+}
+
+/// CPU ticks of process `root` and all its living descendants (a Celery
+/// worker's pool processes, say). Descendants that already exited are not
+/// counted, so sample it while the tree is running.
+pub fn tree_cpu_ticks(root: u32) -> Option<u64> {
+    let mut procs: Vec<(u32, u32, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((ppid, t)) = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(stat_cpu)
+        {
+            procs.push((pid, ppid, t));
+        }
+    }
+    let mut tree = vec![root];
+    let mut total = 0;
+    let mut found = false;
+    while let Some(p) = tree.pop() {
+        for &(pid, ppid, t) in &procs {
+            if pid == p {
+                total += t;
+                found = true;
+            }
+            if ppid == p {
+                tree.push(pid);
+            }
+        }
+    }
+    found.then_some(total)
 }
 
 /// CPU ticks per thread of this process: (thread id, name, ticks).
@@ -157,7 +200,20 @@ pub async fn measure_rate(
     limit: Duration,
     startup: Duration,
 ) -> Result<Rate> {
+    measure_rate_cpu(counter, process_cpu_ticks, total, limit, startup).await
+}
+
+/// [`measure_rate`] with the CPU time read from `cpu` (clock ticks), e.g. of
+/// another process tree, instead of this process.
+pub async fn measure_rate_cpu(
+    counter: impl Fn() -> u64,
+    cpu: impl Fn() -> Option<u64>,
+    total: u64,
+    limit: Duration,
+    startup: Duration,
+) -> Result<Rate> {
     const TICK: Duration = Duration::from_millis(2);
+    let process_cpu_ticks = cpu;
     let begin = Instant::now();
     let mut samples = vec![Sample {
         at: begin,

@@ -41,6 +41,7 @@ fn opts(tag: &str) -> Options {
         raw_consumer_cmd: vec![exe, "raw-consumer".into()],
         python: None,
         peers_dir: manifest.join("peers"),
+        node_modules: None,
     }
 }
 
@@ -119,4 +120,12 @@ async fn peers_without_python_are_skipped() {
         .await
         .expect_err("no python given");
     assert!(format!("{e:#}").contains("skipped"), "{e:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polyglot() {
+    // Without Python and Node the peers are skipped: warren's own rows, fresh
+    // and reused, remain for each example that is built.
+    let rows = smoke(Scenario::Polyglot).await;
+    assert!(rows.iter().any(|r| r.metric.contains("instance = reuse")));
 }

@@ -402,6 +402,17 @@ pub struct PipelineConfig {
     /// How many messages are handled in parallel.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// `fresh` (the default): a new plugin instance for every message.
+    /// `reuse`: an instance handles up to `max_messages_per_instance`
+    /// messages in turn, keeping its memory (and so any state) between
+    /// them; it is replaced after any failed call (see README "Instance
+    /// reuse").
+    #[serde(default)]
+    pub instance: InstanceMode,
+    /// Under `instance = "reuse"`: messages one instance handles before a
+    /// fresh one replaces it. Default 1000.
+    #[serde(default)]
+    pub max_messages_per_instance: Option<u32>,
     /// Bytes of deliveries the pipeline may hold at once, in MB (MiB): the
     /// prefetch is lowered to what fits the largest body seen. 0: no budget.
     #[serde(default = "default_max_in_flight_mb")]
@@ -457,7 +468,36 @@ impl PipelineConfig {
     pub fn dlq_name(&self) -> String {
         format!("{}.dlq", self.queue)
     }
+
+    /// Messages one instance may handle: 1 under `instance = "fresh"`.
+    pub fn messages_per_instance(&self) -> u32 {
+        match self.instance {
+            InstanceMode::Fresh => 1,
+            InstanceMode::Reuse => self
+                .max_messages_per_instance
+                .unwrap_or(DEFAULT_MAX_MESSAGES_PER_INSTANCE),
+        }
+    }
 }
+
+/// How long a pipeline's plugin instances live (`instance`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceMode {
+    /// A new instance per message: nothing a message leaves behind in the
+    /// plugin's memory is seen by the next.
+    #[default]
+    Fresh,
+    /// One instance handles several messages in turn, up to
+    /// `max_messages_per_instance`; replaced after any failed call.
+    Reuse,
+}
+
+/// `max_messages_per_instance` when not set.
+pub const DEFAULT_MAX_MESSAGES_PER_INSTANCE: u32 = 1000;
+/// Upper bound of `max_messages_per_instance`: an instance whose memory is
+/// never reset for longer than that is a leak waiting to be found.
+pub const MAX_MESSAGES_PER_INSTANCE: u32 = 1_000_000;
 
 /// Queue type of the pipeline's queues.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -885,6 +925,16 @@ impl PipelineConfig {
         if self.prefetch == 0 {
             bail!("prefetch must be at least 1 (0 would mean unlimited)");
         }
+        match (self.instance, self.max_messages_per_instance) {
+            (InstanceMode::Fresh, Some(_)) => bail!(
+                "max_messages_per_instance applies only with instance = \"reuse\" \
+                 (with \"fresh\", every instance handles one message)"
+            ),
+            (InstanceMode::Reuse, Some(n)) if n == 0 || n > MAX_MESSAGES_PER_INSTANCE => bail!(
+                "max_messages_per_instance must be between 1 and {MAX_MESSAGES_PER_INSTANCE} (it is {n})"
+            ),
+            _ => {}
+        }
         match (self.quorum_initial_group_size, self.queue_type) {
             (Some(0), _) => bail!("quorum_initial_group_size must be at least 1"),
             (Some(_), QueueType::Classic) => bail!(
@@ -1085,7 +1135,7 @@ mod tests {
 
     use std::path::{Path, PathBuf};
 
-    use super::Config;
+    use super::{Config, DEFAULT_MAX_MESSAGES_PER_INSTANCE, InstanceMode};
 
     /// A throwaway self-signed CA certificate (no key is kept anywhere).
     const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
@@ -1223,6 +1273,30 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
     /// Another pipeline `y` with its own queue and `extra`.
     fn other(queue: &str, extra: &str) -> String {
         format!("[[pipeline]]\nname = \"y\"\nqueue = {queue:?}\nplugin = \"p.wasm\"\n{extra}\n")
+    }
+
+    #[test]
+    fn instance_reuse_is_validated() {
+        let c = pipeline("", "").unwrap();
+        assert_eq!(c.pipelines[0].instance, InstanceMode::Fresh);
+        assert_eq!(c.pipelines[0].messages_per_instance(), 1);
+        let c = pipeline("instance = \"reuse\"", "").unwrap();
+        assert_eq!(
+            c.pipelines[0].messages_per_instance(),
+            DEFAULT_MAX_MESSAGES_PER_INSTANCE
+        );
+        let c = pipeline("instance = \"reuse\"\nmax_messages_per_instance = 7", "").unwrap();
+        assert_eq!(c.pipelines[0].messages_per_instance(), 7);
+        for bad in ["0", "1000001"] {
+            let err = pipeline_err(&format!(
+                "instance = \"reuse\"\nmax_messages_per_instance = {bad}"
+            ));
+            assert!(err.contains("max_messages_per_instance"), "{err}");
+        }
+        let err = pipeline_err("max_messages_per_instance = 5");
+        assert!(err.contains("only with instance = \"reuse\""), "{err}");
+        let err = pipeline_err("instance = \"pooled\"");
+        assert!(err.contains("instance"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! warren runs WebAssembly components ("plugins") as RabbitMQ message handlers.
 //!
 //! Each `[[pipeline]]` in the configuration binds one queue to one plugin. For
-//! every delivery warren instantiates the plugin afresh, calls
+//! every delivery warren instantiates the plugin afresh (or, with `instance =
+//! "reuse"`, takes an idle instance of the pipeline's), calls
 //! `warren:plugin/handler.handle`, and turns the typed outcome into broker
 //! actions with at-least-once guarantees (see [`disposition`]).
 //!
@@ -29,8 +30,9 @@
 //! * `outbound`: plugins' HTTP requests (wasi:http) under the pipeline's
 //!   allow-list: rules, address checks, the connection, its counters.
 //! * [`runtime`]: the wasmtime engine, the generated bindings of the WIT
-//!   contract, per-call limits (`runtime::engine`, `runtime::state`) and one
-//!   call of a plugin (`runtime::invoke`).
+//!   contract, per-call limits (`runtime::engine`, `runtime::state`), one
+//!   call of a plugin (`runtime::invoke`) and the idle instances kept for
+//!   `instance = "reuse"` (`runtime::reuse`).
 //! * [`envelope`]: a delivery's properties and warren's bookkeeping headers,
 //!   and their wire sizes.
 //! * `downstream`: the rate limit and the circuit breaker, and their
@@ -164,10 +166,16 @@ impl Running {
 pub fn runtime_options(config: &Config) -> RuntimeOptions {
     // Validation bounds the sum; saturating keeps an unvalidated config from
     // overflowing here all the same.
+    // A reusing pipeline holds one instance per worker, idle or busy, per
+    // plugin version; right after a reload the old version's idle ones live
+    // until its last message is done, so it may briefly hold twice as many.
     let concurrency = config
         .pipelines
         .iter()
-        .map(|p| p.concurrency)
+        .map(|p| match p.instance {
+            config::InstanceMode::Fresh => p.concurrency,
+            config::InstanceMode::Reuse => p.concurrency.saturating_mul(2),
+        })
         .fold(0usize, usize::saturating_add);
     RuntimeOptions {
         // Slack for `check` and instances kept alive briefly around a reload.
@@ -336,7 +344,8 @@ mod tests {
     async fn a_panicking_pipeline_task_is_logged_and_not_ready() {
         let metrics = Metrics::new(["p"]);
         let pm = metrics.pipeline("p").unwrap();
-        pm.status.connected
+        pm.status
+            .connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(metrics.ready());
         report_panic(pm.clone(), async { panic!("boom {}", 7) }).await;
@@ -350,7 +359,8 @@ mod tests {
         // A task that ends normally leaves readiness alone.
         let metrics = Metrics::new(["q"]);
         let pm = metrics.pipeline("q").unwrap();
-        pm.status.connected
+        pm.status
+            .connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
         report_panic(pm.clone(), async {}).await;
         assert!(metrics.ready() && pm.status.crashed().is_none());

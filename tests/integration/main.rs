@@ -22,6 +22,7 @@ mod outcomes;
 mod polyglot;
 mod private_broker;
 mod reload;
+mod reuse;
 mod rpc;
 mod tls;
 

@@ -51,7 +51,10 @@ async fn tls_failure(url: &str, broker_toml: &str) -> anyhow::Result<String> {
         .context("pipeline metrics")?;
     // Three failed attempts: the first one and two retries.
     eventually(WAIT, || m.reconnects.load(Ordering::Relaxed) >= 2).await?;
-    let error = m.status.last_broker_error().context("no broker error recorded")?;
+    let error = m
+        .status
+        .last_broker_error()
+        .context("no broker error recorded")?;
     assert!(!warren.metrics().ready(), "ready without a broker session");
     assert!(!m.status.connected.load(Ordering::Relaxed));
     let readiness = warren.metrics().readiness_json().to_string();

@@ -6,6 +6,7 @@ pub mod isolation;
 pub mod memory;
 pub mod overhead;
 pub mod peers;
+pub mod polyglot;
 pub mod reload;
 pub mod rpc;
 pub mod throughput;

@@ -7,6 +7,11 @@
 //! module with one memory page and no imports) on warren's own engine: the
 //! floor of a fresh wasmtime instance per message on this machine, which no
 //! plugin can go below.
+//!
+//! Then the steady-state cost of one message for each language's example
+//! (`fib`, `js_router`, `py_classifier`, `c_checksum`), as in a running
+//! warren: thousands of calls in one process, with a fresh instance per call
+//! and with `instance = "reuse"` (the call alone; the instance is kept).
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -41,7 +46,7 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
         let floor = floor(loader.runtime().engine(), budget)?;
         let noop = loader.load(&noop_path)?;
         let thumb = loader.load(&thumb_path)?;
-        let n = measure(&noop, message(amqp::body(size)), budget, WARMUP, |o| {
+        let n = measure(&noop, message(amqp::body(size)), budget, WARMUP, 1, |o| {
             matches!(o, Outcome::Ack)
         })?;
         let t = measure(
@@ -49,6 +54,7 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
             message(png()?),
             budget,
             3,
+            1,
             |o| matches!(o, Outcome::Publish(v) if v.len() == 1),
         )?;
         anyhow::Ok((n, t, floor))
@@ -56,7 +62,7 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
     .await
     .context("the measuring thread panicked")??;
     let share = noop.p50 / thumb.p50 * 100.0;
-    Ok(vec![
+    let mut rows = vec![
         Row::new(
             "4 overhead",
             "no-op instantiate + call + drop p50",
@@ -80,7 +86,74 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
         Row::new("4 overhead", "thumbnail 640x400 PNG p50", "µs", thumb.p50)
             .compare(format!("no-op = {share:.2}% of it")),
         Row::new("4 overhead", "thumbnail 640x400 PNG p99", "µs", thumb.p99),
-    ])
+    ];
+    rows.extend(languages(opts, &config).await?);
+    Ok(rows)
+}
+
+/// The example of each language and an input that takes its normal path.
+fn examples(size: usize) -> [(&'static str, &'static str, Vec<u8>); 4] {
+    [
+        ("Rust", "fib", b"30".to_vec()),
+        (
+            "JavaScript",
+            "js_router",
+            super::polyglot::EVENT.as_bytes().to_vec(),
+        ),
+        (
+            "Python",
+            "py_classifier",
+            super::polyglot::TICKET.as_bytes().to_vec(),
+        ),
+        ("C", "c_checksum", amqp::body(size)),
+    ]
+}
+
+/// Steady-state µs per message of each built example, fresh and reused.
+async fn languages(opts: &Options, config: &warren::config::Config) -> Result<Vec<Row>> {
+    let loader = warren::plugin_loader(config)?;
+    let budget = opts.duration / 4;
+    let mut rows = Vec::new();
+    for (language, name, body) in examples(opts.size) {
+        let path = opts.plugin(name);
+        if !path.exists() {
+            eprintln!("    {name}: skipped, {} is not built", path.display());
+            continue;
+        }
+        let loader = loader.clone();
+        let (fresh, reused) = tokio::task::spawn_blocking(move || {
+            let plugin = loader.load(&path)?;
+            let good = |o: &Outcome| !matches!(o, Outcome::DeadLetter(_));
+            let fresh = measure(&plugin, message(body.clone()), budget, 20, 1, good)?;
+            let reused = measure(&plugin, message(body), budget, 20, 1000, good)?;
+            anyhow::Ok((fresh, reused))
+        })
+        .await
+        .context("the measuring thread panicked")??;
+        rows.push(
+            Row::new(
+                "4 overhead",
+                &format!("{name} ({language}) per message, fresh instance, p50"),
+                "µs",
+                fresh.p50,
+            )
+            .compare(format!("p99 {:.0} µs", fresh.p99)),
+        );
+        rows.push(
+            Row::new(
+                "4 overhead",
+                &format!("{name} ({language}) per message, instance = reuse, p50"),
+                "µs",
+                reused.p50,
+            )
+            .compare(format!(
+                "p99 {:.0} µs; {:.1}x faster than fresh",
+                reused.p99,
+                fresh.p50 / reused.p50
+            )),
+        );
+    }
+    Ok(rows)
 }
 
 /// The smallest component worth the name: no imports, one memory page, one
@@ -157,17 +230,21 @@ pub fn png() -> Result<Vec<u8>> {
     Ok(out.into_inner())
 }
 
-/// Call `plugin` on `msg` repeatedly for up to `budget`; per-call µs.
+/// Call `plugin` on `msg` repeatedly for up to `budget`; per-call µs. With
+/// `messages_per_instance` above 1 an instance serves that many calls
+/// (`instance = "reuse"`).
 fn measure(
     plugin: &LoadedPlugin,
     msg: Message,
     budget: Duration,
     warmup: usize,
+    messages_per_instance: u32,
     ok: impl Fn(&Outcome) -> bool,
 ) -> Result<Summary> {
     let config = Arc::new(BTreeMap::new());
     let pipeline: Arc<str> = "overhead".into();
-    let limits = InvokeLimits::new(Duration::from_secs(5), 64 << 20);
+    let mut limits = InvokeLimits::new(Duration::from_secs(5), 64 << 20);
+    limits.messages_per_instance = messages_per_instance;
     for _ in 0..warmup {
         let inv = plugin.invoke(&msg, config.clone(), pipeline.clone(), limits);
         match &inv.result {

@@ -9,6 +9,10 @@
 //! Each run gets a fresh queue declared with warren's own topology code, filled
 //! with `messages` messages before the consumer starts; the rate is taken over
 //! the steady middle of the drain (see `stats::measure_rate`).
+//!
+//! Scenario 1 also drains the backlog with `instance = "reuse"` (once per
+//! round, after the two systems), to show what a fresh instance per message
+//! costs on the no-op path.
 
 use anyhow::Result;
 use warren::disposition::Disposition;
@@ -24,8 +28,18 @@ pub async fn run(opts: &Options, republish: bool) -> Result<Vec<Row>> {
     let mut conn = amqp::connect(&opts.broker_url, "throughput").await?;
     let body = amqp::body(opts.size);
     let drain = Drain::new(opts, &conn, republish).await?;
-    let (mut w, mut b) = (Vec::new(), Vec::new());
+    let (mut w, mut b, mut reused) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..opts.rounds.max(1) {
+        if !republish {
+            let rate = match drain.run_reused(opts, &conn, &body).await {
+                Ok(r) => r,
+                Err(e) => {
+                    recover(opts, &mut conn, &e).await?;
+                    drain.run_reused(opts, &conn, &body).await?
+                }
+            };
+            reused.push(rate);
+        }
         for sys in order(round) {
             let rate = match drain.run(opts, &conn, &body, sys).await {
                 Ok(r) => r,
@@ -72,7 +86,26 @@ pub async fn run(opts: &Options, republish: bool) -> Result<Vec<Row>> {
     )
     .baseline("raw lapin", bc)
     .compare(format!("{:+.1} µs", wc - bc));
-    Ok(vec![main, cpu_row])
+    let mut rows = vec![main, cpu_row];
+    if !reused.is_empty() {
+        let (rr, rc) = (rate(&reused), cpu(&reused));
+        rows.push(
+            Row::new(
+                scenario,
+                "no-op consume + ack, instance = reuse",
+                "msgs/s",
+                rr,
+            )
+            .baseline("raw lapin", br)
+            .compare(ratio_text(rr / br)),
+        );
+        rows.push(
+            Row::new(scenario, "CPU per message, instance = reuse", "µs", rc)
+                .baseline("raw lapin", bc)
+                .compare(format!("{:+.1} µs", rc - bc)),
+        );
+    }
+    Ok(rows)
 }
 
 /// After a failed run: say so, wait a moment and reconnect if needed, so the
@@ -171,6 +204,22 @@ impl Drain {
                 }
             }
         }
+    }
+
+    /// One drain by warren with `instance = "reuse"` (no-op only).
+    pub(crate) async fn run_reused(
+        &self,
+        opts: &Options,
+        conn: &lapin::Connection,
+        body: &[u8],
+    ) -> Result<Rate> {
+        amqp::purge(conn, &self.name).await?;
+        amqp::fill(conn, &self.name, opts.messages, body).await?;
+        let mut config = self.config.clone();
+        for p in &mut config.pipelines {
+            p.instance = warren::config::InstanceMode::Reuse;
+        }
+        warren_rate(opts, config, &self.name, Disposition::Ack, opts.messages).await
     }
 
     /// Delete the scenario's queues.

@@ -8,8 +8,8 @@
 //! observe per message). Label values come from the enums that own them
 //! ([`Disposition`], [`FailureKind`]).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -170,7 +170,6 @@ impl PipelineMetrics {
     pub fn observe_end_to_end(&self, d: Duration) {
         self.histograms.end_to_end.observe(d.as_secs_f64());
     }
-
 }
 
 impl Metrics {

@@ -120,6 +120,7 @@ impl Pipeline {
             memory_bytes: config.limits.memory_bytes(),
             log_lines: config.limits.max_log_lines,
             log_bytes: config.limits.max_log_bytes(),
+            messages_per_instance: config.messages_per_instance(),
         };
         metrics.plugin.set_version(slot.current().version());
         // A rate-limited pipeline's prefetch holds at most PREFETCH_SPAN of

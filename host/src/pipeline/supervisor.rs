@@ -73,7 +73,10 @@ impl Pipeline {
             {
                 Ok(()) => return,
                 Err(e) => {
-                    self.metrics.status.connected.store(false, Ordering::Relaxed);
+                    self.metrics
+                        .status
+                        .connected
+                        .store(false, Ordering::Relaxed);
                     let consumed = consuming_since.map(|t: Instant| t.elapsed());
                     let wait = jittered(backoff.after(consumed), fastrand::f64());
                     let error = crate::logtext::error_chain(&e);
@@ -106,7 +109,10 @@ impl Pipeline {
             .clone()
             .consume(&conn, grace, &mut stop, consuming_since)
             .await;
-        self.metrics.status.connected.store(false, Ordering::Relaxed);
+        self.metrics
+            .status
+            .connected
+            .store(false, Ordering::Relaxed);
         // A blocked connection (a broker resource alarm) does not write at all,
         // not even the close: the process must be able to leave anyway, and the
         // broker requeues what was not settled when the socket goes.
@@ -255,7 +261,10 @@ impl Pipeline {
         // Stop the flow first, then let what was received settle on this
         // channel: workers handle what the consumer still holds, then exit on
         // its end; the settler stops once every delivery has reported.
-        self.metrics.status.connected.store(false, Ordering::Relaxed);
+        self.metrics
+            .status
+            .connected
+            .store(false, Ordering::Relaxed);
         work.stopping.store(true, Ordering::SeqCst);
         for h in &helpers {
             h.abort();

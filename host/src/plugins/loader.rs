@@ -16,7 +16,9 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use super::cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
-use crate::runtime::{HostState, Invocation, InvokeLimits, Message, PluginPre, Runtime};
+use crate::runtime::{
+    HostState, IdleInstances, Invocation, InvokeLimits, Message, PluginPre, Runtime,
+};
 
 const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
 const CORE_MODULE_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
@@ -29,6 +31,10 @@ pub struct LoadedPlugin {
     /// `version()`, shared with every invocation's log context.
     version: Arc<str>,
     code: Arc<Compiled>,
+    /// Instances kept between messages under `instance = "reuse"`. Per
+    /// loaded version, not per compiled code: pipelines sharing code never
+    /// share an instance, and a reload starts with none.
+    idle: Arc<IdleInstances>,
     load_time: Duration,
     source: CacheOutcome,
 }
@@ -202,6 +208,7 @@ impl LoadedPlugin {
             digest,
             version,
             code,
+            idle: Arc::default(),
             load_time: start.elapsed(),
             source,
         })
@@ -248,9 +255,11 @@ impl LoadedPlugin {
         self.load_time
     }
 
-    /// Run `handle` once in a fresh instance. Blocking: call it off the async
-    /// executor. The instance is released when the returned [`Invocation`] is
-    /// dropped, so a caller can act on the outcome first.
+    /// Run `handle` once in a fresh instance (or, when
+    /// `limits.messages_per_instance` is above 1, in an idle one of this
+    /// version's, if any). Blocking: call it off the async executor. The
+    /// instance is released (or made idle again) when the returned
+    /// [`Invocation`] is dropped, so a caller can act on the outcome first.
     pub fn invoke(
         &self,
         msg: &Message,
@@ -275,6 +284,6 @@ impl LoadedPlugin {
             pipeline,
             plugin_version: self.version.clone(),
         };
-        crate::runtime::invoke(&self.code.pre, msg, config, log, limits, http)
+        crate::runtime::invoke(&self.code.pre, &self.idle, msg, config, log, limits, http)
     }
 }

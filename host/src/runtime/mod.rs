@@ -1,9 +1,11 @@
 //! The WebAssembly side of warren: engine setup, the generated bindings, per-store
-//! limits and state, and the one function that runs a plugin on a message.
+//! limits and state, the one function that runs a plugin on a message, and the
+//! idle instances `instance = "reuse"` keeps between messages.
 
 mod bindings;
 mod engine;
 mod invoke;
+mod reuse;
 mod state;
 
 pub(crate) use bindings::PluginPre;
@@ -11,4 +13,5 @@ pub use bindings::{Message, Outcome, Outgoing, RetryRequest, RpcReply};
 pub use engine::{Runtime, RuntimeOptions};
 pub(crate) use invoke::invoke;
 pub use invoke::{FailureKind, Invocation, InvokeLimits, PluginFailure};
+pub(crate) use reuse::IdleInstances;
 pub(crate) use state::{HostState, LogContext};

@@ -50,6 +50,12 @@ struct Wasi {
     ctx: WasiCtx,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
+    /// Bytes of each pipe already forwarded to the log. A reused instance
+    /// keeps its pipes (the guest may hold their streams), so each call
+    /// forwards only what it added; an instance whose pipes are half full is
+    /// not reused (`has_output_room`).
+    stdout_seen: usize,
+    stderr_seen: usize,
 }
 
 impl Wasi {
@@ -69,6 +75,8 @@ impl Wasi {
             ctx,
             stdout,
             stderr,
+            stdout_seen: 0,
+            stderr_seen: 0,
         }
     }
 }
@@ -96,11 +104,44 @@ impl HostState {
         }
     }
 
-    /// `host.log` lines dropped over the budget so far.
+    /// Start another call in this (reused) store: the per-call budgets,
+    /// the HTTP deadline and the memory limit as if the store were new. The
+    /// plugin's memory, and the WASI context it may hold streams of, stay.
+    pub(crate) fn begin_call(
+        &mut self,
+        config: Arc<BTreeMap<String, String>>,
+        log: LogContext,
+        limits: super::InvokeLimits,
+        http: Option<Arc<HttpPolicy>>,
+        deadline: Instant,
+    ) {
+        self.http = CallHttp::new(log.pipeline.clone(), http, deadline);
+        self.limiter = MemoryLimiter::new(limits.memory_bytes);
+        self.config = config;
+        self.log = log;
+        self.log_lines_left = limits.log_lines;
+        self.log_bytes_left = limits.log_bytes;
+        self.log_dropped = 0;
+        self.outage = None;
+    }
+
+    /// Whether another call may print at least half of what a fresh
+    /// instance may without hitting the pipes' end. Asked after
+    /// `flush_output`, which has seen everything written so far (reading the
+    /// pipes' lengths again would copy their contents).
+    pub(crate) fn has_output_room(&self) -> bool {
+        self.wasi.as_ref().is_none_or(|w| {
+            let half = OUTPUT_CAPACITY / 2;
+            w.stdout_seen <= half && w.stderr_seen <= half
+        })
+    }
+
+    /// The pause the plugin asked for with `host.report-outage`, and why.
     pub(crate) fn reported_outage(&self) -> Option<(u32, String)> {
         self.outage.clone()
     }
 
+    /// `host.log` lines dropped over the budget in this call.
     pub(crate) fn log_dropped(&self) -> u64 {
         self.log_dropped
     }
@@ -110,20 +151,27 @@ impl HostState {
     /// becomes part of the failure reason, which ends up in DLQ headers where
     /// a wasm backtrace would say nothing.
     pub(crate) fn crash_message(&self) -> Option<String> {
-        let bytes = self.wasi.as_ref()?.stderr.contents();
-        crash_message(&String::from_utf8_lossy(&bytes))
+        let wasi = self.wasi.as_ref()?;
+        let bytes = wasi.stderr.contents();
+        let new = bytes.get(wasi.stderr_seen..).unwrap_or_default();
+        crash_message(&String::from_utf8_lossy(new))
     }
 
     /// Forward what the plugin printed to the log, line by line.
-    pub(crate) fn flush_output(&self) {
-        let Some(wasi) = &self.wasi else { return };
-        for (stream, pipe) in [("stdout", &wasi.stdout), ("stderr", &wasi.stderr)] {
-            let bytes = pipe.contents();
+    pub(crate) fn flush_output(&mut self) {
+        let Some(wasi) = &mut self.wasi else { return };
+        for (stream, pipe, seen) in [
+            ("stdout", &wasi.stdout, &mut wasi.stdout_seen),
+            ("stderr", &wasi.stderr, &mut wasi.stderr_seen),
+        ] {
+            let all = pipe.contents();
+            let bytes = all.get(*seen..).unwrap_or_default();
+            *seen = all.len();
             if bytes.is_empty() {
                 continue;
             }
             let (p, v) = (&*self.log.pipeline, &*self.log.plugin_version);
-            for line in String::from_utf8_lossy(&bytes)
+            for line in String::from_utf8_lossy(bytes)
                 .lines()
                 .filter(|l| !l.trim().is_empty())
             {

@@ -25,6 +25,7 @@
 //! | `echo-meta` | reply with the message's fields as JSON |
 //! | `fail-until <n>` | retry `attempt <k>` while attempt k < n, then ack |
 //! | `print <text>` | print to stdout and stderr, then ack |
+//! | `count` | reply with how many `count` calls this instance has handled, this one included (state kept in a global: `1` in every fresh instance) |
 //! | `sleep <ms>` | keep busy for that long, then ack |
 //! | `outage <ms> <reason>` | `host.report-outage(ms, reason)`, then retry with the reason |
 //! | `http <method> <url> [body]` | one HTTP request; reply with its result as JSON (below) |
@@ -39,12 +40,17 @@
 //! with `probe: ...`.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
 use warren_plugin_sdk::{Handler, Message, Outcome, Outgoing, RpcReply, config, http, log};
 
 struct Probe;
+
+/// `count` calls this instance has handled: state that lives exactly as long
+/// as the instance, for tests of `instance = "reuse"`.
+static COUNT: AtomicU64 = AtomicU64::new(0);
 
 impl Handler for Probe {
     fn handle(msg: Message) -> Outcome {
@@ -201,6 +207,7 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
                 _ => Outcome::dead_letter(id),
             }
         }
+        "count" => Outcome::reply((COUNT.fetch_add(1, Ordering::Relaxed) + 1).to_string()),
         "print" => {
             println!("{args}");
             eprintln!("{args}");
