@@ -582,15 +582,7 @@ fn keep_first(headers: &mut FieldTable, name: &'static str, value: &str) {
 
 /// Reasons end up in headers; keep them to a sane size.
 fn clip(s: &str) -> String {
-    const MAX: usize = 2000;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut cut = MAX;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}…", &s[..cut])
+    crate::logtext::clip(s, 2000).into_owned()
 }
 
 /// RFC 3339 UTC timestamp with milliseconds, without pulling in a date crate.

@@ -48,6 +48,19 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary; `…` marks a
+/// cut. For plugin and producer text on its way into headers and log lines.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut = cut.saturating_sub(1);
+    }
+    format!("{}…", text.get(..cut).unwrap_or_default()).into()
+}
+
 /// An error and its causes, `: `-separated like `{:#}`, without the causes
 /// that only repeat what the text before them says: the AMQP library's errors
 /// print their source as part of their own message, so `{:#}` says it twice.
@@ -87,6 +100,14 @@ mod tests {
             "bad input\\n2026-11-30T00:00:00Z  INFO warren: stopped\\u{1b}[2J\\tok ✓"
         );
         assert_eq!(Escaped("plain").to_string(), "plain");
+    }
+
+    #[test]
+    fn clip_cuts_on_a_character_boundary_and_marks_the_cut() {
+        assert_eq!(super::clip("short", 10), "short");
+        assert_eq!(super::clip("abcdef", 3), "abc…");
+        // 'é' is two bytes: a cut inside it moves before it.
+        assert_eq!(super::clip("aé", 2), "a…");
     }
 
     #[test]

@@ -283,14 +283,7 @@ fn classify(
     if let Some(said) = store.data().crash_message() {
         text = format!("{text} ({said})");
     }
-    if text.len() > MAX_FAILURE_TEXT {
-        let mut cut = MAX_FAILURE_TEXT;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
+    let text = crate::logtext::clip(&text, MAX_FAILURE_TEXT).into_owned();
     if instantiating {
         PluginFailure::Instantiate(text)
     } else {

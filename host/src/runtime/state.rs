@@ -244,14 +244,7 @@ impl warren::plugin::host::Host for HostState {
 
     fn report_outage(&mut self, pause_ms: u32, reason: String) {
         // Kept short: it ends up in a log line and the readiness detail.
-        let mut reason = reason;
-        if reason.len() > 500 {
-            let mut cut = 500;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-        }
+        let reason = crate::logtext::clip(&reason, 500).into_owned();
         self.outage = Some((pause_ms, reason));
     }
 }
