@@ -89,7 +89,7 @@ use crate::config::Config;
 use crate::ops::Metrics;
 use crate::pipeline::Pipeline;
 use crate::plugins::{LoadedPlugin, PluginLoader, PluginSlot, Reloader};
-use crate::runtime::{Runtime, RuntimeOptions};
+use crate::runtime::{RuntimeOptions, WasmRuntime};
 
 pub use crate::plugins::ReloadResult;
 
@@ -196,7 +196,7 @@ const POOL_MEMORY_BYTES: usize = (config::MAX_MEMORY_MIB as usize) << 20;
 /// cache directory that cannot be created, or that other users could write,
 /// costs compile time, not the start.
 pub fn plugin_loader(config: &Config) -> Result<PluginLoader> {
-    let runtime = Runtime::new(&runtime_options(config))?;
+    let runtime = WasmRuntime::new(&runtime_options(config))?;
     let dir = config.runtime.effective_cache_dir();
     let max_bytes = config.runtime.cache_max_mb.saturating_mul(1 << 20);
     match PluginLoader::with_cache(runtime.clone(), dir.as_deref(), max_bytes) {

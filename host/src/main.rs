@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use warren::ReloadResult;
 use warren::config::{Config, LogFormat, MAX_MEMORY_MIB, MAX_TIMEOUT_MS};
 use warren::plugins::PluginLoader;
-use warren::runtime::{InvokeLimits, Message, Outcome, Outgoing, Runtime, RuntimeOptions};
+use warren::runtime::{InvokeLimits, Message, Outcome, Outgoing, RuntimeOptions, WasmRuntime};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -295,7 +295,7 @@ fn invoke(args: InvokeArgs, log_format: Option<Format>) -> Result<ExitCode> {
         Duration::from_millis(timeout_ms),
         usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
     );
-    let runtime = Runtime::new(&RuntimeOptions {
+    let runtime = WasmRuntime::new(&RuntimeOptions {
         max_instances: 2,
         max_memory_bytes: usize::try_from(MAX_MEMORY_MIB << 20).unwrap_or(usize::MAX),
     })?;

@@ -9,7 +9,7 @@ use warren::ops::FailureKind;
 
 use warren::disposition::Disposition;
 use warren::plugins::PluginLoader;
-use warren::runtime::{InvokeLimits, Message, PluginFailure, Runtime, RuntimeOptions};
+use warren::runtime::{InvokeLimits, Message, PluginFailure, RuntimeOptions, WasmRuntime};
 use warren_tests::{Client, config, eventually, header, plugin, start, text, unique};
 
 use crate::pipeline;
@@ -88,7 +88,7 @@ fn invoke_fixture(
     name: &str,
     limits: InvokeLimits,
 ) -> anyhow::Result<Result<warren::runtime::Outcome, PluginFailure>> {
-    let runtime = Runtime::new(&RuntimeOptions::default())?;
+    let runtime = WasmRuntime::new(&RuntimeOptions::default())?;
     let loaded = PluginLoader::new(runtime, None)?.load(&plugin(name))?;
     let msg = Message {
         body: b"x".to_vec(),

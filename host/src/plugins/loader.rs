@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::cache::{CacheOutcome, CompiledCache, DEFAULT_CACHE_MAX_MB};
 use crate::runtime::{
-    HostState, IdleInstances, Invocation, InvokeLimits, Message, PluginPre, Runtime,
+    HostState, IdleInstances, Invocation, InvokeLimits, Message, PluginPre, WasmRuntime,
 };
 
 const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
@@ -64,7 +64,7 @@ type CodeSlot = Arc<Mutex<Weak<Compiled>>>;
 /// share the loaded code.
 #[derive(Clone)]
 pub struct PluginLoader {
-    runtime: Runtime,
+    runtime: WasmRuntime,
     cache: Option<CompiledCache>,
     loaded: Arc<Mutex<HashMap<String, CodeSlot>>>,
 }
@@ -86,7 +86,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl PluginLoader {
     /// A loader compiling with `runtime`, caching in `cache_dir` when given
     /// (with the default size cap).
-    pub fn new(runtime: Runtime, cache_dir: Option<&Path>) -> Result<Self> {
+    pub fn new(runtime: WasmRuntime, cache_dir: Option<&Path>) -> Result<Self> {
         Self::with_cache(
             runtime,
             cache_dir,
@@ -98,7 +98,7 @@ impl PluginLoader {
     /// most `cache_max_bytes` (0: no cap). Fails if the cache directory cannot
     /// be created or is not private to warren's user.
     pub fn with_cache(
-        runtime: Runtime,
+        runtime: WasmRuntime,
         cache_dir: Option<&Path>,
         cache_max_bytes: u64,
     ) -> Result<Self> {
@@ -113,7 +113,7 @@ impl PluginLoader {
     }
 
     /// The runtime plugins are compiled for.
-    pub fn runtime(&self) -> &Runtime {
+    pub fn runtime(&self) -> &WasmRuntime {
         &self.runtime
     }
 

@@ -47,9 +47,10 @@ impl Default for RuntimeOptions {
     }
 }
 
-/// Engine + linker shared by every pipeline; cheap to clone.
+/// The wasmtime engine and linker shared by every pipeline; cheap to clone.
+/// (Named apart from the async runtime that often sits beside it.)
 #[derive(Clone)]
-pub struct Runtime {
+pub struct WasmRuntime {
     inner: Arc<Inner>,
 }
 
@@ -58,13 +59,13 @@ struct Inner {
     linker: Linker<HostState>,
 }
 
-impl std::fmt::Debug for Runtime {
+impl std::fmt::Debug for WasmRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").finish_non_exhaustive()
+        f.debug_struct("WasmRuntime").finish_non_exhaustive()
     }
 }
 
-impl Runtime {
+impl WasmRuntime {
     /// Build the engine. The pooling allocator is preferred (instantiation in
     /// microseconds, memory reused across messages); if the OS refuses the
     /// virtual-memory reservation it needs, warren falls back to on-demand
@@ -169,7 +170,7 @@ fn engine_config(pool: Option<&RuntimeOptions>) -> Config {
 
 /// Start the background thread advancing the engine's epoch every
 /// `EPOCH_TICK`. It holds only a weak reference: it runs exactly as long as
-/// anything (a `Runtime`, a compiled plugin, a store) keeps the engine alive,
+/// anything (a `WasmRuntime`, a compiled plugin, a store) keeps the engine alive,
 /// and ends by itself within a tick of the last one going away.
 fn start_ticker(engine: &Engine) -> Result<()> {
     let weak = engine.weak();

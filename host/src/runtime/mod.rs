@@ -10,7 +10,7 @@ mod state;
 
 pub(crate) use bindings::PluginPre;
 pub use bindings::{Message, Outcome, Outgoing, RetryRequest, RpcReply};
-pub use engine::{Runtime, RuntimeOptions};
+pub use engine::{RuntimeOptions, WasmRuntime};
 pub(crate) use invoke::invoke;
 pub use invoke::{FailureKind, Invocation, InvokeLimits, PluginFailure};
 pub(crate) use reuse::IdleInstances;
