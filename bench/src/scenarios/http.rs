@@ -15,13 +15,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Consumer};
 use warren_tests::http_server::{HttpServer, Reply};
 
 use super::micros;
+use super::rpc::Caller;
 use crate::report::Row;
 use crate::setup::{self, pipeline_toml, unique};
 use crate::stats::{median, summarize};
@@ -56,11 +53,11 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
         while Instant::now() < end || round < WARMUP + 3 {
             // Alternate which of the pair goes first.
             let (a, b) = if round.is_multiple_of(2) {
-                let a = caller.call(&name, "reply ok", "ok").await?;
-                (a, caller.call(&name, &post, "\"status\":204").await?)
+                let a = call(&mut caller, &name, "reply ok", "ok").await?;
+                (a, call(&mut caller, &name, &post, "\"status\":204").await?)
             } else {
-                let b = caller.call(&name, &post, "\"status\":204").await?;
-                (caller.call(&name, "reply ok", "ok").await?, b)
+                let b = call(&mut caller, &name, &post, "\"status\":204").await?;
+                (call(&mut caller, &name, "reply ok", "ok").await?, b)
             };
             let addr = server.addr;
             let c = tokio::task::spawn_blocking(move || plain_post(addr))
@@ -138,69 +135,12 @@ fn plain_post(addr: SocketAddr) -> Result<Duration> {
     Ok(took)
 }
 
-/// An RPC caller on its own channel, consuming direct replies.
-struct Caller {
-    channel: Channel,
-    replies: Consumer,
-    next_id: u64,
-}
-
-impl Caller {
-    async fn new(conn: &lapin::Connection) -> Result<Self> {
-        let channel = conn.create_channel().await?;
-        let replies = channel
-            .basic_consume(
-                "amq.rabbitmq.reply-to".into(),
-                unique("http-caller").into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("consuming amq.rabbitmq.reply-to")?;
-        Ok(Self {
-            channel,
-            replies,
-            next_id: 0,
-        })
+/// One call of `caller` whose reply must contain `expect`; its latency.
+async fn call(caller: &mut Caller, queue: &str, body: &str, expect: &str) -> Result<Duration> {
+    let (took, reply) = caller.request(queue, body.as_bytes()).await?;
+    let text = String::from_utf8_lossy(&reply);
+    if !text.contains(expect) {
+        bail!("reply {text:?} does not contain {expect:?}");
     }
-
-    /// One call whose reply must contain `expect`; returns its latency.
-    async fn call(&mut self, queue: &str, body: &str, expect: &str) -> Result<Duration> {
-        self.next_id += 1;
-        let id = self.next_id.to_string();
-        let props = BasicProperties::default()
-            .with_reply_to("amq.rabbitmq.reply-to".into())
-            .with_correlation_id(id.as_str().into());
-        let start = Instant::now();
-        self.channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                props,
-            )
-            .await?;
-        loop {
-            let reply = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
-                .await
-                .context("no reply within 10 s")?
-                .context("the reply consumer ended")??;
-            let corr = reply
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.as_str());
-            if corr == Some(id.as_str()) {
-                let text = String::from_utf8_lossy(&reply.data);
-                if !text.contains(expect) {
-                    bail!("reply {text:?} does not contain {expect:?}");
-                }
-                return Ok(start.elapsed());
-            }
-        }
-    }
+    Ok(took)
 }

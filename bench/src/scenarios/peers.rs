@@ -77,7 +77,9 @@ async fn measure(opts: &Options, peer: Peer, python: &Path) -> Result<f64> {
     let total = opts.messages;
     match peer {
         Peer::Pika => amqp::fill(&conn, &name, total, &amqp::body(opts.size)).await?,
-        Peer::Celery => fill_celery(&conn, &name, total, opts.size).await?,
+        Peer::Celery => {
+            fill_celery(&conn, &name, total, "bench.noop", &amqp::body(opts.size)).await?
+        }
     }
     let result = async {
         let mut cmd = Command::new(python);
@@ -139,10 +141,16 @@ async fn measure(opts: &Options, peer: Peer, python: &Path) -> Result<f64> {
     result
 }
 
-/// Fill `queue` with `n` Celery task messages (protocol 2) for `bench.noop`,
-/// each carrying a `size`-character string argument.
-async fn fill_celery(conn: &Connection, queue: &str, n: u64, size: usize) -> Result<()> {
-    let arg = String::from_utf8_lossy(&amqp::body(size)).into_owned();
+/// Fill `queue` with `n` Celery task messages (protocol 2) for `task`, each
+/// carrying `arg` (as text) as its one argument.
+pub(super) async fn fill_celery(
+    conn: &Connection,
+    queue: &str,
+    n: u64,
+    task: &str,
+    arg: &[u8],
+) -> Result<()> {
+    let arg = String::from_utf8_lossy(arg).into_owned();
     let body = serde_json::to_vec(&json!([
         [arg],
         {},
@@ -153,7 +161,7 @@ async fn fill_celery(conn: &Connection, queue: &str, n: u64, size: usize) -> Res
         let text = |s: &str| AMQPValue::LongString(s.into());
         let mut h = FieldTable::default();
         h.insert("lang".into(), text("py"));
-        h.insert("task".into(), text("bench.noop"));
+        h.insert("task".into(), text(task));
         h.insert("id".into(), text(&id));
         h.insert("root_id".into(), text(&id));
         h.insert("parent_id".into(), AMQPValue::Void);

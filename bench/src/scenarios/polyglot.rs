@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
-use lapin::types::{AMQPValue, FieldArray, FieldTable};
-use lapin::{BasicProperties, Connection, ExchangeKind};
+use lapin::types::FieldTable;
+use lapin::{Connection, ExchangeKind};
 use serde_json::json;
 use warren::disposition::Disposition;
 
@@ -299,7 +299,9 @@ async fn refill(
     amqp::purge(conn, queue).await?;
     amqp::purge(conn, out).await?;
     match peer {
-        Some(Peer::Celery) => fill_celery(conn, queue, total, body).await,
+        Some(Peer::Celery) => {
+            super::peers::fill_celery(conn, queue, total, "bench.classify", body).await
+        }
         _ => amqp::fill(conn, queue, total, body).await,
     }
 }
@@ -391,45 +393,4 @@ async fn run_peer(
     poller.abort();
     child.check_alive().context("the peer exited")?;
     rate
-}
-
-/// Fill `queue` with `n` Celery task messages (protocol 2) for
-/// `bench.classify`, each carrying `body` as its one argument.
-async fn fill_celery(conn: &Connection, queue: &str, n: u64, body: &[u8]) -> Result<()> {
-    let arg = String::from_utf8_lossy(body).into_owned();
-    let task = serde_json::to_vec(&json!([
-        [arg],
-        {},
-        {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
-    ]))?;
-    amqp::fill_with(conn, queue, n, &task, |i| {
-        let id = format!("bench-{i}");
-        let text = |s: &str| AMQPValue::LongString(s.into());
-        let mut h = FieldTable::default();
-        h.insert("lang".into(), text("py"));
-        h.insert("task".into(), text("bench.classify"));
-        h.insert("id".into(), text(&id));
-        h.insert("root_id".into(), text(&id));
-        h.insert("parent_id".into(), AMQPValue::Void);
-        h.insert("group".into(), AMQPValue::Void);
-        h.insert("shadow".into(), AMQPValue::Void);
-        h.insert("eta".into(), AMQPValue::Void);
-        h.insert("expires".into(), AMQPValue::Void);
-        h.insert("retries".into(), AMQPValue::LongInt(0));
-        h.insert(
-            "timelimit".into(),
-            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Void, AMQPValue::Void])),
-        );
-        h.insert("argsrepr".into(), text("('...',)"));
-        h.insert("kwargsrepr".into(), text("{}"));
-        h.insert("origin".into(), text("warren-bench"));
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_content_encoding("utf-8".into())
-            .with_correlation_id(id.as_str().into())
-            .with_delivery_mode(2)
-            .with_priority(0)
-            .with_headers(h)
-    })
-    .await
 }

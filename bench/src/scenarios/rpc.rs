@@ -133,15 +133,16 @@ async fn one(opts: &Options, seq: &mut Pair, conc: &mut Pair) -> Result<()> {
     result
 }
 
-/// A caller: its own channel consuming direct replies.
-struct Caller {
-    channel: Channel,
+/// A caller: its own channel consuming direct replies (also the HTTP
+/// scenario's).
+pub(super) struct Caller {
+    pub(super) channel: Channel,
     replies: Consumer,
     next_id: u64,
 }
 
 impl Caller {
-    async fn new(conn: &Connection) -> Result<Self> {
+    pub(super) async fn new(conn: &Connection) -> Result<Self> {
         let channel = conn.create_channel().await?;
         let replies = channel
             .basic_consume(
@@ -162,8 +163,21 @@ impl Caller {
         })
     }
 
-    /// One call; returns its latency.
+    /// One call of the fib responders; returns its latency.
     async fn call(&mut self, queue: &str) -> Result<Duration> {
+        let (took, reply) = self.request(queue, REQUEST).await?;
+        if reply != REPLY {
+            bail!("wrong reply: {:?}", String::from_utf8_lossy(&reply));
+        }
+        Ok(took)
+    }
+
+    /// One call with `body`; returns its latency and the reply's body.
+    pub(super) async fn request(
+        &mut self,
+        queue: &str,
+        body: &[u8],
+    ) -> Result<(Duration, Vec<u8>)> {
         self.next_id += 1;
         let id = self.next_id.to_string();
         let props = BasicProperties::default()
@@ -175,7 +189,7 @@ impl Caller {
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                REQUEST,
+                body,
                 props,
             )
             .await?;
@@ -190,10 +204,7 @@ impl Caller {
                 .as_ref()
                 .map(|c| c.as_str());
             if corr == Some(id.as_str()) {
-                if reply.data != REPLY {
-                    bail!("wrong reply: {:?}", String::from_utf8_lossy(&reply.data));
-                }
-                return Ok(start.elapsed());
+                return Ok((start.elapsed(), reply.data));
             }
             // A late reply to an earlier call that timed out: skip it.
         }
