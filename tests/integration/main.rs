@@ -23,6 +23,7 @@ mod polyglot;
 mod private_broker;
 mod reload;
 mod rpc;
+mod single_active;
 mod tls;
 
 use std::path::Path;
