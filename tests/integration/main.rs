@@ -16,6 +16,7 @@ mod examples;
 mod failures;
 mod hostile;
 mod http;
+mod kubernetes;
 mod lifecycle;
 mod ops;
 mod outcomes;
