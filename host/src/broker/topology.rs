@@ -135,10 +135,10 @@ async fn queue(channel: &Channel, q: &str, args: FieldTable) -> Result<()> {
                 return Err(anyhow::Error::new(e).context(format!(
                     "declaring queue {q:?}: the broker refused it (PRECONDITION_FAILED) because \
                      the queue already exists with other arguments, and a queue's arguments \
-                     cannot change once it is declared. The configuration's queue_type, \
-                     delivery_limit, quorum_initial_group_size, single_active_consumer and retry \
-                     delays set them; change them back, or drain and delete the queue (or use \
-                     another queue name) so that warren declares it anew"
+                     cannot change once it is declared. The pipeline's queue_type, \
+                     delivery_limit, quorum_initial_group_size and single_active_consumer set \
+                     them; change them back, or drain and delete the queue (or use another queue \
+                     name) so that warren declares it anew"
                 )));
             }
             Err(anyhow::Error::new(e).context(format!("declaring queue {q:?}")))
