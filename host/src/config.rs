@@ -391,6 +391,12 @@ pub struct PipelineConfig {
     /// default (every node, up to its configured limit).
     #[serde(default)]
     pub quorum_initial_group_size: Option<u32>,
+    /// Declare the queue with `x-single-active-consumer`: of all the
+    /// consumers on it (one per replica) the broker delivers to one at a time
+    /// and hands over to the next when it goes, so messages are handled in
+    /// queue order across replicas (with `concurrency = 1`).
+    #[serde(default)]
+    pub single_active_consumer: bool,
     /// Exchanges to bind the queue to.
     #[serde(default, rename = "binding")]
     pub bindings: Vec<BindingConfig>,
@@ -774,6 +780,21 @@ impl Config {
                 .iter()
                 .flat_map(PipelineConfig::unlisted_exchanges),
         );
+        // Valid (one active consumer is also how to keep a single writer),
+        // but the usual reason for it is order, which parallel calls undo.
+        warnings.extend(
+            self.pipelines
+                .iter()
+                .filter(|p| p.single_active_consumer && p.concurrency > 1)
+                .map(|p| {
+                    format!(
+                        "pipeline {:?}: single_active_consumer keeps one replica consuming, but \
+                         concurrency = {} handles its messages in parallel, so they may finish \
+                         out of queue order; set concurrency = 1 for ordered handling",
+                        p.name, p.concurrency
+                    )
+                }),
+        );
         warnings
     }
 
@@ -1063,6 +1084,18 @@ impl PipelineConfig {
         let limit = self.rate_limit()?;
         if limit.is_none() && self.rate_limit_scope == crate::downstream::RateScope::Cluster {
             bail!("rate_limit_scope = \"cluster\" needs a rate_limit");
+        }
+        // The cluster scope divides the rate by the queue's consumer count,
+        // which counts the waiting consumers of a single-active-consumer
+        // queue too, while only one of them receives anything.
+        if self.single_active_consumer
+            && self.rate_limit_scope == crate::downstream::RateScope::Cluster
+        {
+            bail!(
+                "rate_limit_scope = \"cluster\" divides the rate among the queue's consumers, but \
+                 with single_active_consumer only one of them receives messages: leave \
+                 rate_limit_scope at \"local\", the whole rate is the active consumer's"
+            );
         }
         if let Some(b) = &self.circuit_breaker {
             b.validate()?;
@@ -1661,5 +1694,32 @@ HaA345fM08VHGBV9qZxLPPMcJpRd
         assert!(err.contains("at least 1"), "{err}");
         let err = pipeline("queue_type = \"classic\"\nquorum_initial_group_size = 3").unwrap_err();
         assert!(err.contains("for quorum queues"), "{err}");
+    }
+
+    #[test]
+    fn single_active_consumer_is_off_by_default_and_checked_with_what_it_affects() {
+        let c = pipeline("", "").unwrap();
+        assert!(!c.pipelines[0].single_active_consumer);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+
+        let c = pipeline("single_active_consumer = true\nconcurrency = 1", "").unwrap();
+        assert!(c.pipelines[0].single_active_consumer);
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+
+        let c = pipeline("single_active_consumer = true\nconcurrency = 4", "").unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("pipeline \"x\"") && w[0].contains("concurrency = 1"),
+            "{w:?}"
+        );
+
+        let err = pipeline_err(
+            "single_active_consumer = true\nrate_limit = \"10/s\"\nrate_limit_scope = \"cluster\"",
+        );
+        assert!(
+            err.contains("pipeline \"x\"") && err.contains("single_active_consumer"),
+            "{err}"
+        );
+        pipeline("single_active_consumer = true\nrate_limit = \"10/s\"", "").unwrap();
     }
 }

@@ -16,6 +16,7 @@ mod examples;
 mod failures;
 mod hostile;
 mod http;
+mod kubernetes;
 mod lifecycle;
 mod ops;
 mod outcomes;
@@ -24,6 +25,7 @@ mod private_broker;
 mod reload;
 mod reuse;
 mod rpc;
+mod single_active;
 mod tls;
 
 use std::path::Path;

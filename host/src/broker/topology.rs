@@ -33,6 +33,11 @@ pub async fn declare(channel: &Channel, p: &PipelineConfig, tiers: &RetryTiers) 
             AMQPValue::LongString(dlq.as_str().into()),
         );
     }
+    if p.single_active_consumer {
+        // Only the consumed queue: the DLQ is read by hand and the retry tiers
+        // by nobody (their messages expire back into this queue).
+        main_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     queue(channel, &p.queue, main_args).await?;
     queue(channel, &dlq, queue_type_args(p)).await?;
 
@@ -117,16 +122,28 @@ async fn queue(channel: &Channel, q: &str, args: FieldTable) -> Result<()> {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(name(q)?, opts, args)
-        .await
-        .with_context(|| {
-            format!(
-                "declaring queue {q:?} (if it already exists with other arguments, \
-             delete it or use another queue name)"
-            )
-        })?;
-    Ok(())
+    match channel.queue_declare(name(q)?, opts, args).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let refused = matches!(
+                e.kind(),
+                lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == PRECONDITION_FAILED
+            );
+            if refused {
+                // A queue's arguments are fixed when it is first declared; the
+                // broker's own message (in the cause) names the argument.
+                return Err(anyhow::Error::new(e).context(format!(
+                    "declaring queue {q:?}: the broker refused it (PRECONDITION_FAILED) because \
+                     the queue already exists with other arguments, and a queue's arguments \
+                     cannot change once it is declared. The pipeline's queue_type, \
+                     delivery_limit, quorum_initial_group_size and single_active_consumer set \
+                     them; change them back, or drain and delete the queue (or use another queue \
+                     name) so that warren declares it anew"
+                )));
+            }
+            Err(anyhow::Error::new(e).context(format!("declaring queue {q:?}")))
+        }
+    }
 }
 
 async fn exchange(channel: &Channel, x: &str, kind: ExchangeKind) -> Result<()> {
@@ -244,3 +261,6 @@ impl KnownExchanges {
 
 /// AMQP reply code of a missing entity.
 const NOT_FOUND: u16 = 404;
+
+/// AMQP reply code of a declaration that contradicts the existing entity.
+const PRECONDITION_FAILED: u16 = 406;
