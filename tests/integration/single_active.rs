@@ -106,8 +106,8 @@ async fn a_queue_declared_without_single_active_consumer_is_refused_with_a_clear
         .metrics()
         .pipeline("sac")
         .expect("the pipeline's metrics");
-    eventually(WAIT, || metrics.last_broker_error().is_some()).await?;
-    let error = metrics.last_broker_error().unwrap_or_default();
+    eventually(WAIT, || metrics.status.last_broker_error().is_some()).await?;
+    let error = metrics.status.last_broker_error().unwrap_or_default();
     for part in [
         "PRECONDITION_FAILED",
         "x-single-active-consumer",
