@@ -492,8 +492,13 @@ async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_
     };
     let q = unique("py-classifier");
     let tickets = unique("tickets");
+    // FAST_RETRY's attempts, with tiers up to 3.2 s: the ticket not due yet
+    // below is due 3 s after it is sent, far more than its first call takes
+    // even in a debug build on a loaded machine, and the tier it asks for
+    // covers the time left.
+    let retry = "[pipeline.retry]\nmax_attempts = 3\ninitial_delay_ms = 100\nmax_delay_ms = 3200\njitter = 0.0\n";
     let extra = format!(
-        "concurrency = 1\n[[pipeline.output]]\nexchange = {tickets:?}\ntype = \"topic\"\n{FAST_RETRY}\
+        "concurrency = 1\n[[pipeline.output]]\nexchange = {tickets:?}\ntype = \"topic\"\n{retry}\
          [pipeline.config]\nexchange = {tickets:?}\n\"keywords.outage\" = \"on fire\"\n"
     );
     let toml = crate::pipeline_at("py", &q, &wasm, &extra);
@@ -555,7 +560,7 @@ async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_
     // retry: a ticket not due yet asks for another attempt after the time left,
     // and is published once it is due.
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
-    let due = json!({"id": "T-3", "subject": "login fails", "not_before": now_ms as u64 + 300});
+    let due = json!({"id": "T-3", "subject": "login fails", "not_before": now_ms as u64 + 3000});
     client.send(&q, due.to_string().as_bytes()).await?;
     let d = client.take_one(&out, WAIT).await?;
     assert_eq!(json_body(&d)["id"], "T-3");
