@@ -329,11 +329,35 @@ pub struct Published {
     pub longest_gap: Duration,
 }
 
+/// A connection and a confirm channel for the publisher. Every step has a
+/// time limit: a node that is stopping can take a connection and then never
+/// answer on it, and the publisher must move on to another node rather than
+/// wait for it forever.
 async fn publisher_channel(urls: &[String], next: &mut usize) -> Result<(Connection, Channel)> {
-    let conn = connect(urls, next, "publisher", Duration::from_secs(600)).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok((conn, ch))
+    const STEP: Duration = Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let conn = connect(urls, next, "publisher", left).await?;
+        let opened = async {
+            let ch = tokio::time::timeout(STEP, conn.create_channel())
+                .await
+                .context("opening a channel timed out")??;
+            tokio::time::timeout(STEP, ch.confirm_select(ConfirmSelectOptions::default()))
+                .await
+                .context("confirm.select timed out")??;
+            anyhow::Ok(ch)
+        }
+        .await;
+        match opened {
+            Ok(ch) => return Ok((conn, ch)),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("chaos: publisher channel failed ({e:#}); trying another node");
+                let _ = tokio::time::timeout(STEP, conn.close(200, "retrying".into())).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Publish `rate` messages per second until `stop` turns true. Each message is
@@ -392,7 +416,9 @@ pub async fn publish(
                 .with_correlation_id(tag.as_str().into());
         }
         stats.sent += 1;
-        let confirmed = async {
+        // One limit for the publish and its confirm: on a connection to a
+        // node that went away either can wait forever.
+        let confirmed = tokio::time::timeout(CONFIRM_LIMIT, async {
             let confirm = ch
                 .basic_publish(
                     "".into(),
@@ -405,13 +431,10 @@ pub async fn publish(
                     props,
                 )
                 .await?;
-            anyhow::Ok(matches!(
-                tokio::time::timeout(CONFIRM_LIMIT, confirm).await,
-                Ok(Ok(Confirmation::Ack(None)))
-            ))
-        }
+            anyhow::Ok(matches!(confirm.await, Ok(Confirmation::Ack(None))))
+        })
         .await
-        .unwrap_or(false);
+        .is_ok_and(|r| r.unwrap_or(false));
         if confirmed {
             ledger.confirmed(this);
             stats.confirmed += 1;
@@ -424,7 +447,11 @@ pub async fn publish(
             ledger.resent(this);
             stats.resends += 1;
             if let Some((conn, _)) = link.take() {
-                let _ = conn.close(200, "resending".into()).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    conn.close(200, "resending".into()),
+                )
+                .await;
             }
             pending = Some(this);
         }
