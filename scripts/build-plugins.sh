@@ -121,6 +121,46 @@ build_rust() {
   # A workspace root builds every member; cargo's JSON lists each one's .wasm.
   CARGO_TARGET_DIR="$TARGET_DIR" "$TOOLCHAIN" build "$ROOT/plugins" "$OUT" </dev/null \
     || die "building the Rust plugins failed"
+  build_rust_bare
+}
+
+# Plugins also built for wasm32-unknown-unknown as <name>_bare.wasm: components
+# that import nothing from WASI (plugin-sdk's `bare` module says what they gain
+# and give up). Each cargo invocation is its own feature set: noop turns the
+# SDK's panic-log off, so it must not be built together with the others.
+RUST_BARE_BUILDS=("noop" "fib trap")
+BARE_TARGET=wasm32-unknown-unknown
+
+build_rust_bare() {
+  local mode wasm_tools group crate core tmp
+  mode=$(cat "${GUEST_TOOLCHAIN_STATE:-${CARGO_HOME:-$HOME/.cargo}/guest-toolchain}/mode" 2>/dev/null) || mode=
+  # Debian's fallback toolchain has no std for this target: the *_bare plugins
+  # are then left out (their tests say so and pass over them).
+  if [ "$mode" != fast ]; then
+    log "SKIPPING the *_bare Rust plugins: they need rustup (toolchain mode '$mode')"
+    rm -f "$OUT"/*_bare.wasm; return 0
+  fi
+  if ! (cd "$ROOT/plugins" && rustup target list --installed 2>/dev/null | grep -qx "$BARE_TARGET"); then
+    (cd "$ROOT/plugins" && timeout 120 rustup target add "$BARE_TARGET" >&2) || {
+      log "SKIPPING the *_bare Rust plugins: rustup target add $BARE_TARGET failed"
+      rm -f "$OUT"/*_bare.wasm; return 0
+    }
+  fi
+  wasm_tools=$(ensure_wasm_tools) || die "could not install wasm-tools from PyPI or crates.io"
+  for group in "${RUST_BARE_BUILDS[@]}"; do
+    # shellcheck disable=SC2086 # a group is a space-separated list of crates
+    set -- $group
+    (cd "$ROOT/plugins" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build -q --release \
+       --target "$BARE_TARGET" "${@/#/--package=}" </dev/null >&2) \
+      || die "building ${*} for $BARE_TARGET failed"
+    for crate in "$@"; do
+      core=$TARGET_DIR/$BARE_TARGET/release/$crate.wasm
+      tmp=$(mktemp "$OUT/.${crate}_bare.XXXXXX")
+      "$wasm_tools" component new "$core" -o "$tmp" >&2 \
+        || { rm -f "$tmp"; die "wasm-tools component new failed for $crate ($BARE_TARGET)"; }
+      publish_component "$tmp" "$OUT/${crate}_bare.wasm" "$(sha <"$core")"
+    done
+  done
 }
 
 # --- JavaScript: componentize-js (StarlingMonkey) ----------------------------

@@ -59,6 +59,12 @@
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2`; the component is
 //! `target/wasm32-wasip2/release/shout.wasm`.
+//!
+//! A plugin that needs nothing from WASI (no clocks, random numbers or stdout)
+//! can also be built with `--target wasm32-unknown-unknown` and wrapped with
+//! `wasm-tools component new`: it then imports only warren's interfaces and
+//! is cheaper to instantiate per message. The SDK supplies the allocator and
+//! the panic hook that target needs; see the README's "Without WASI".
 
 use std::fmt;
 use std::str::{FromStr, Utf8Error};
@@ -66,6 +72,8 @@ use std::time::Duration;
 
 use __private::bindings;
 
+#[cfg(all(target_family = "wasm", target_os = "unknown"))]
+mod bare;
 pub mod http;
 
 pub use bindings::warren::plugin::types::{Message, Outcome, Outgoing, RetryRequest, RpcReply};
@@ -99,6 +107,8 @@ pub trait Handler {
 
 impl<H: Handler> bindings::exports::warren::plugin::handler::Guest for H {
     fn handle(msg: Message) -> Outcome {
+        #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+        bare::init();
         <H as Handler>::handle(msg)
     }
 }

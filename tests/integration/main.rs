@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod allowlist;
+mod bare;
 mod cache;
 mod cluster;
 mod config_errors;

@@ -42,13 +42,27 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
     let (noop_path, thumb_path) = (opts.plugin("noop"), opts.plugin("thumbnail"));
     let budget = opts.duration / 2;
     let size = opts.size;
-    let (noop, thumb, floor) = tokio::task::spawn_blocking(move || {
+    let bare_path = opts.plugin(super::throughput::BARE_NOOP);
+    let (noop, bare, thumb, floor) = tokio::task::spawn_blocking(move || {
         let floor = floor(loader.runtime().engine(), budget)?;
         let noop = loader.load(&noop_path)?;
         let thumb = loader.load(&thumb_path)?;
-        let n = measure(&noop, message(amqp::body(size)), budget, WARMUP, 1, |o| {
-            matches!(o, Outcome::Ack)
-        })?;
+        let acked = |o: &Outcome| matches!(o, Outcome::Ack);
+        let n = measure(&noop, message(amqp::body(size)), budget, WARMUP, 1, acked)?;
+        let bare = if bare_path.exists() {
+            let bare = loader.load(&bare_path)?;
+            Some(measure(
+                &bare,
+                message(amqp::body(size)),
+                budget,
+                WARMUP,
+                1,
+                acked,
+            )?)
+        } else {
+            eprintln!("    {}: skipped, it is not built", bare_path.display());
+            None
+        };
         let t = measure(
             &thumb,
             message(png()?),
@@ -57,7 +71,7 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
             1,
             |o| matches!(o, Outcome::Publish(v) if v.len() == 1),
         )?;
-        anyhow::Ok((n, t, floor))
+        anyhow::Ok((n, bare, t, floor))
     })
     .await
     .context("the measuring thread panicked")??;
@@ -83,10 +97,25 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
             floor.p50,
         )
         .compare(format!("no-op = floor + {:.2} µs", noop.p50 - floor.p50)),
+    ];
+    if let Some(bare) = bare {
+        let over = bare.p50 - floor.p50;
+        rows.push(
+            Row::new(
+                "4 overhead",
+                "no-op without WASI imports (noop_bare), same cycle, p50",
+                "µs",
+                bare.p50,
+            )
+            .compare(format!("floor + {over:.2} µs"))
+            .goal(Goal::new("<= floor + 2 µs", over <= 2.0)),
+        );
+    }
+    rows.extend([
         Row::new("4 overhead", "thumbnail 640x400 PNG p50", "µs", thumb.p50)
             .compare(format!("no-op = {share:.2}% of it")),
         Row::new("4 overhead", "thumbnail 640x400 PNG p99", "µs", thumb.p99),
-    ];
+    ]);
     rows.extend(languages(opts, &config).await?);
     Ok(rows)
 }

@@ -10,9 +10,11 @@
 //! with `messages` messages before the consumer starts; the rate is taken over
 //! the steady middle of the drain (see `stats::measure_rate`).
 //!
-//! Scenario 1 also drains the backlog with `instance = "reuse"` (once per
-//! round, after the two systems), to show what a fresh instance per message
-//! costs on the no-op path.
+//! Scenario 1 also drains the backlog (once per round, before the two
+//! systems) with `instance = "reuse"`, to show what a fresh instance per
+//! message costs on the no-op path, and with `noop_bare`, the same no-op built
+//! for wasm32-unknown-unknown (no WASI imports), fresh instances, when it is
+//! built.
 
 use anyhow::Result;
 use warren::disposition::Disposition;
@@ -28,17 +30,29 @@ pub async fn run(opts: &Options, republish: bool) -> Result<Vec<Row>> {
     let mut conn = amqp::connect(&opts.broker_url, "throughput").await?;
     let body = amqp::body(opts.size);
     let drain = Drain::new(opts, &conn, republish).await?;
-    let (mut w, mut b, mut reused) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut w, mut b) = (Vec::new(), Vec::new());
+    let (mut reused, mut bare) = (Vec::new(), Vec::new());
+    let variants: &[Variant] = match (republish, opts.plugin(BARE_NOOP).exists()) {
+        (true, _) => &[],
+        (false, true) => &[Variant::Reuse, Variant::Bare],
+        (false, false) => {
+            eprintln!("    {BARE_NOOP}: skipped, it is not built");
+            &[Variant::Reuse]
+        }
+    };
     for round in 0..opts.rounds.max(1) {
-        if !republish {
-            let rate = match drain.run_reused(opts, &conn, &body).await {
+        for &variant in variants {
+            let rate = match drain.run_variant(opts, &conn, &body, variant).await {
                 Ok(r) => r,
                 Err(e) => {
                     recover(opts, &mut conn, &e).await?;
-                    drain.run_reused(opts, &conn, &body).await?
+                    drain.run_variant(opts, &conn, &body, variant).await?
                 }
             };
-            reused.push(rate);
+            match variant {
+                Variant::Reuse => reused.push(rate),
+                Variant::Bare => bare.push(rate),
+            }
         }
         for sys in order(round) {
             let rate = match drain.run(opts, &conn, &body, sys).await {
@@ -105,7 +119,37 @@ pub async fn run(opts: &Options, republish: bool) -> Result<Vec<Row>> {
                 .compare(format!("{:+.1} µs", rc - bc)),
         );
     }
+    if !bare.is_empty() {
+        let (rr, rc) = (rate(&bare), cpu(&bare));
+        rows.push(
+            Row::new(
+                scenario,
+                "no-op without WASI imports (noop_bare) consume + ack",
+                "msgs/s",
+                rr,
+            )
+            .baseline("raw lapin", br)
+            .compare(ratio_text(rr / br)),
+        );
+        rows.push(
+            Row::new(scenario, "CPU per message, noop_bare", "µs", rc)
+                .baseline("raw lapin", bc)
+                .compare(format!("{:+.1} µs", rc - bc)),
+        );
+    }
     Ok(rows)
+}
+
+/// The no-op built for wasm32-unknown-unknown by `scripts/build-plugins.sh`.
+pub(crate) const BARE_NOOP: &str = "noop_bare";
+
+/// A drain by warren besides the main comparison (scenario 1 only).
+#[derive(Clone, Copy)]
+pub(crate) enum Variant {
+    /// `instance = "reuse"`.
+    Reuse,
+    /// [`BARE_NOOP`] instead of `noop`, a fresh instance per message.
+    Bare,
 }
 
 /// After a failed run: say so, wait a moment and reconnect if needed, so the
@@ -206,18 +250,22 @@ impl Drain {
         }
     }
 
-    /// One drain by warren with `instance = "reuse"` (no-op only).
-    pub(crate) async fn run_reused(
+    /// One drain by warren as `variant` (no-op only).
+    pub(crate) async fn run_variant(
         &self,
         opts: &Options,
         conn: &lapin::Connection,
         body: &[u8],
+        variant: Variant,
     ) -> Result<Rate> {
         amqp::purge(conn, &self.name).await?;
         amqp::fill(conn, &self.name, opts.messages, body).await?;
         let mut config = self.config.clone();
         for p in &mut config.pipelines {
-            p.instance = warren::config::InstanceMode::Reuse;
+            match variant {
+                Variant::Reuse => p.instance = warren::config::InstanceMode::Reuse,
+                Variant::Bare => p.plugin = opts.plugin(BARE_NOOP),
+            }
         }
         warren_rate(opts, config, &self.name, Disposition::Ack, opts.messages).await
     }

@@ -44,6 +44,9 @@ pub(crate) struct HostState {
     log_dropped: u64,
     /// `host.report-outage`: the last pause the plugin asked for, and why.
     outage: Option<(u32, String)>,
+    /// A Rust panic reported through `host.log` in this call: plugins built
+    /// without WASI have no stderr, and the SDK's panic hook logs instead.
+    logged_panic: Option<String>,
 }
 
 struct Wasi {
@@ -101,6 +104,7 @@ impl HostState {
             log_bytes_left: limits.log_bytes,
             log_dropped: 0,
             outage: None,
+            logged_panic: None,
         }
     }
 
@@ -123,6 +127,7 @@ impl HostState {
         self.log_bytes_left = limits.log_bytes;
         self.log_dropped = 0;
         self.outage = None;
+        self.logged_panic = None;
     }
 
     /// Whether another call may print at least half of what a fresh
@@ -146,15 +151,18 @@ impl HostState {
         self.log_dropped
     }
 
-    /// What the guest said about its crash on stderr, if anything: the
+    /// What the guest said about its crash on stderr (or, built without WASI,
+    /// through the SDK's panic hook in `host.log`), if anything: the
     /// message of a Rust panic, a Python exception or a JavaScript error. It
     /// becomes part of the failure reason, which ends up in DLQ headers where
     /// a wasm backtrace would say nothing.
     pub(crate) fn crash_message(&self) -> Option<String> {
-        let wasi = self.wasi.as_ref()?;
-        let bytes = wasi.stderr.contents();
-        let new = bytes.get(wasi.stderr_seen..).unwrap_or_default();
-        crash_message(&String::from_utf8_lossy(new))
+        let said = self.wasi.as_ref().and_then(|wasi| {
+            let bytes = wasi.stderr.contents();
+            let new = bytes.get(wasi.stderr_seen..).unwrap_or_default();
+            crash_message(&String::from_utf8_lossy(new))
+        });
+        said.or_else(|| self.logged_panic.as_deref().and_then(crash_message))
     }
 
     /// Forward what the plugin printed to the log, line by line.
@@ -209,6 +217,10 @@ impl warren::plugin::types::Host for HostState {}
 
 impl warren::plugin::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        // Kept even past the log budget: it becomes the failure's reason.
+        if matches!(level, Level::Error) && message.contains("panicked at") {
+            self.logged_panic = Some(crate::logtext::clip(&message, 2_000).into_owned());
+        }
         // One message must not flood the log: past the budget, lines are
         // dropped and counted (the pipeline reports them).
         if self.log_lines_left == 0 || message.len() > self.log_bytes_left {

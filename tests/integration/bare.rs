@@ -1,0 +1,128 @@
+//! Rust plugins built for `wasm32-unknown-unknown` (`noop_bare`, `fib_bare`,
+//! `trap_bare`, from the same crates as `noop`, `fib` and `trap`): components
+//! that import nothing from WASI. They serve messages like their WASI builds,
+//! and a panic still reaches the dead-letter reason through the SDK's hook.
+//!
+//! `scripts/build-plugins.sh` builds them only with rustup's toolchain; outside
+//! CI a missing one skips its test with a note, under CI it fails.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use warren::disposition::Disposition;
+use warren_tests::{Client, RpcClient, config, eventually, header, plugin, start, text, unique};
+
+use crate::{FAST_RETRY, pipeline_at};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn bare_plugin(name: &str) -> Option<PathBuf> {
+    let path = plugin(name);
+    if path.exists() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing: scripts/build-plugins.sh did not build it (look for its SKIPPING line)",
+        path.display()
+    );
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{why}; under CI the *_bare plugins must build");
+    }
+    eprintln!("note: skipping this test: {why}");
+    None
+}
+
+/// The names of a component's imports (interfaces, as `ns:pkg/iface@version`).
+fn imports(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::from_file(&engine, path)?;
+    Ok(component
+        .component_type()
+        .imports(&engine)
+        .map(|(name, _)| name.to_string())
+        .collect())
+}
+
+#[test]
+fn bare_builds_import_nothing_from_wasi() -> anyhow::Result<()> {
+    let Some(noop) = bare_plugin("noop_bare") else {
+        return Ok(());
+    };
+    let Some(fib) = bare_plugin("fib_bare") else {
+        return Ok(());
+    };
+    // The WASI build of the same crate, for contrast: std pulls in stdio,
+    // environment and exit even for a plugin that uses none of them.
+    assert!(
+        imports(&plugin("noop"))?
+            .iter()
+            .any(|i| i.starts_with("wasi:")),
+        "the wasm32-wasip2 no-op should import WASI, or this check proves nothing"
+    );
+    // noop turns off the SDK's panic-log feature, so it imports no function at
+    // all: only the interface that defines the message types.
+    assert_eq!(imports(&noop)?, ["warren:plugin/types@0.1.1"]);
+    let fib_imports = imports(&fib)?;
+    assert!(
+        !fib_imports.iter().any(|i| i.starts_with("wasi:")),
+        "{fib_imports:?}"
+    );
+    assert!(
+        fib_imports
+            .iter()
+            .any(|i| i.starts_with("warren:plugin/host")),
+        "fib logs through warren's host interface: {fib_imports:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bare_plugins_ack_and_answer_rpc() -> anyhow::Result<()> {
+    let (Some(noop), Some(fib)) = (bare_plugin("noop_bare"), bare_plugin("fib_bare")) else {
+        return Ok(());
+    };
+    let (qn, qf) = (unique("bare-noop"), unique("bare-fib"));
+    let pipelines = format!(
+        "{}\n{}",
+        pipeline_at("noop", &qn, &noop, ""),
+        pipeline_at("fib", &qf, &fib, "")
+    );
+    let warren = start(config(&pipelines)?).await?;
+    let client = Client::connect().await?;
+    // Bodies larger than the SDK's arena in the initial memory make the
+    // allocator grow the memory; they must work the same.
+    let big = vec![b'x'; 300 * 1024];
+    for body in [&b"small"[..], &big] {
+        client.send(&qn, body).await?;
+    }
+    let m = warren.metrics().pipeline("noop").expect("pipeline metrics");
+    eventually(WAIT, || m.outcome_count(Disposition::Ack) == 2).await?;
+
+    let mut rpc = RpcClient::connect().await?;
+    for (n, want) in [("10", "55"), ("90", "2880067194370816120")] {
+        let r = rpc.call(&qf, n.as_bytes(), WAIT).await?;
+        assert_eq!(text(&r), want, "fib({n})");
+    }
+    warren.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_panic_in_a_bare_plugin_is_its_dead_letter_reason() -> anyhow::Result<()> {
+    let Some(trap) = bare_plugin("trap_bare") else {
+        return Ok(());
+    };
+    let q = unique("bare-trap");
+    let warren = start(config(&pipeline_at("trap", &q, &trap, FAST_RETRY))?).await?;
+    let client = Client::connect().await?;
+    client.send(&q, b"anything").await?;
+    let d = client.take_one(&format!("{q}.dlq"), WAIT).await?;
+    let reason = header(&d, "x-warren-reason").unwrap_or_default();
+    assert!(reason.contains("plugin trapped"), "{reason}");
+    assert!(
+        reason.contains("panicked: trap fixture: panicking on purpose"),
+        "the panic's message, logged by the SDK's hook, is in the reason: {reason}"
+    );
+    warren.shutdown().await;
+    Ok(())
+}
