@@ -13,21 +13,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use warren::disposition::Disposition;
-use warren_tests::{Client, RpcClient, config, eventually, header, plugin, start, text, unique};
+use warren_tests::{
+    Client, RpcClient, built_plugin, config, eventually, header, plugin, start, text, unique,
+};
 
 use crate::{FAST_RETRY, pipeline_at};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn bare_plugin(name: &str) -> Option<PathBuf> {
-    let path = plugin(name);
-    if path.exists() {
-        return Some(path);
-    }
-    let why = format!(
-        "{} is missing: scripts/build-plugins.sh did not build it (look for its SKIPPING line)",
-        path.display()
-    );
+    let why = match built_plugin(name) {
+        Ok(path) => return Some(path),
+        Err(why) => why,
+    };
     let plugins = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins");
     let installed = std::process::Command::new("rustup")
         .args(["target", "list", "--installed"])

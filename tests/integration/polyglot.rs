@@ -6,7 +6,6 @@
 //! install. Its test then fails under CI (which must prove every language) and
 //! is skipped with a note elsewhere.
 
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use warren::ops::FailureKind;
 
@@ -16,30 +15,12 @@ use serde_json::{Value, json};
 use warren::disposition::Disposition;
 use warren::ops::PipelineMetrics;
 use warren_tests::{
-    Client, RpcClient, config, eventually, header, headers, plugin, start, text, unique,
+    Client, RpcClient, config, eventually, header, headers, language_plugin, start, text, unique,
 };
 
 use crate::FAST_RETRY;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The built component, or `None` (after a note) when its language was skipped
-/// outside CI.
-fn polyglot_plugin(name: &str) -> Option<PathBuf> {
-    let path = plugin(name);
-    if path.exists() {
-        return Some(path);
-    }
-    let why = format!(
-        "{} is missing: scripts/build-plugins.sh did not build it (look for its SKIPPING line)",
-        path.display()
-    );
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("{why}; under CI every language's plugins must build");
-    }
-    eprintln!("note: skipping this test: {why}");
-    None
-}
 
 fn with_headers(pairs: &[(&str, &str)]) -> BasicProperties {
     BasicProperties::default()
@@ -91,7 +72,7 @@ async fn trap_is_charged_to_its_message(
 #[tokio::test]
 async fn js_router_publishes_acks_replies_dead_letters_and_survives_a_throw() -> anyhow::Result<()>
 {
-    let Some(wasm) = polyglot_plugin("js_router") else {
+    let Some(wasm) = language_plugin("js_router") else {
         return Ok(());
     };
     let q = unique("js-router");
@@ -205,7 +186,7 @@ async fn js_router_posts_to_configured_endpoints_with_fetch() -> anyhow::Result<
     use std::sync::atomic::{AtomicUsize, Ordering};
     use warren_tests::http_server::{HttpServer, Reply};
 
-    let Some(wasm) = polyglot_plugin("js_router") else {
+    let Some(wasm) = language_plugin("js_router") else {
         return Ok(());
     };
     let pd_calls = Arc::new(AtomicUsize::new(0));
@@ -393,7 +374,7 @@ async fn py_webhook_posts_through_wasi_http() -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use warren_tests::http_server::{HttpServer, Reply};
 
-    let Some(wasm) = polyglot_plugin("py_webhook") else {
+    let Some(wasm) = language_plugin("py_webhook") else {
         return Ok(());
     };
     let busy_calls = Arc::new(AtomicUsize::new(0));
@@ -487,7 +468,7 @@ async fn py_webhook_posts_through_wasi_http() -> anyhow::Result<()> {
 #[tokio::test]
 async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_a_raise()
 -> anyhow::Result<()> {
-    let Some(wasm) = polyglot_plugin("py_classifier") else {
+    let Some(wasm) = language_plugin("py_classifier") else {
         return Ok(());
     };
     let q = unique("py-classifier");
@@ -615,7 +596,7 @@ async fn py_classifier_publishes_acks_retries_replies_dead_letters_and_survives_
 #[tokio::test]
 async fn c_checksum_publishes_acks_replies_dead_letters_and_survives_a_trap() -> anyhow::Result<()>
 {
-    let Some(wasm) = polyglot_plugin("c_checksum") else {
+    let Some(wasm) = language_plugin("c_checksum") else {
         return Ok(());
     };
     let q = unique("c-checksum");

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use warren::disposition::Disposition;
-use warren_tests::{Client, config, eventually, header, plugin, start, text, unique};
+use warren_tests::{
+    Client, config, eventually, header, language_plugin, plugin, start, text, unique,
+};
 
 use crate::pipeline_at;
 
@@ -632,24 +634,6 @@ async fn reload_errors_are_cleared_once_the_file_is_good_again() -> anyhow::Resu
     Ok(())
 }
 
-/// A plugin built only when its language's toolchain installs; `None` (after
-/// a note) when it is missing outside CI.
-fn optional_plugin(name: &str) -> Option<PathBuf> {
-    let path = plugin(name);
-    if path.exists() {
-        return Some(path);
-    }
-    let why = format!(
-        "{} is missing: scripts/build-plugins.sh did not build it",
-        path.display()
-    );
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("{why}; under CI every language's plugins must build");
-    }
-    eprintln!("note: skipping the rest of this test: {why}");
-    None
-}
-
 #[tokio::test]
 async fn a_plugin_too_big_for_its_own_pipeline_is_refused() -> anyhow::Result<()> {
     // Rust plugins start with 17 pages (1.1 MiB) of linear memory. The engine
@@ -672,7 +656,7 @@ async fn a_plugin_too_big_for_its_own_pipeline_is_refused() -> anyhow::Result<()
 
     // The C example starts with 2 pages, so it fits in 1 MiB; a Rust plugin
     // replacing it fits the roomy pipeline only.
-    let Some(small) = optional_plugin("c_checksum") else {
+    let Some(small) = language_plugin("c_checksum") else {
         return Ok(());
     };
     let (tiny_dir, tiny_file) = plugin_dir("tag_a")?;

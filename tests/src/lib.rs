@@ -29,6 +29,34 @@ pub mod raw;
 
 pub use names::{broker_url, plugin, unique};
 
+/// A plugin `scripts/build-plugins.sh` builds only when its toolchain
+/// installs: its path, or why it is missing.
+pub fn built_plugin(name: &str) -> std::result::Result<std::path::PathBuf, String> {
+    let path = plugin(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    Err(format!(
+        "{} is missing: scripts/build-plugins.sh did not build it (look for its SKIPPING line)",
+        path.display()
+    ))
+}
+
+/// A plugin in a language whose toolchain may fail to install. Missing, it
+/// fails the test under CI (which must prove every language) and is `None`,
+/// after a note, elsewhere.
+pub fn language_plugin(name: &str) -> Option<std::path::PathBuf> {
+    let why = match built_plugin(name) {
+        Ok(path) => return Some(path),
+        Err(why) => why,
+    };
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{why}; under CI every language's plugins must build");
+    }
+    eprintln!("note: skipping (the rest of) this test: {why}");
+    None
+}
+
 /// The test broker's TLS listener: its `amqps://` URL and the CA file that
 /// signed its certificate (`client.pem` and `client.key` beside it form a
 /// client certificate signed by the same CA). Panics when they are not set:

@@ -101,38 +101,29 @@ pub async fn run(opts: &Options, republish: bool) -> Result<Vec<Row>> {
     .baseline("raw lapin", bc)
     .compare(format!("{:+.1} µs", wc - bc));
     let mut rows = vec![main, cpu_row];
-    if !reused.is_empty() {
-        let (rr, rc) = (rate(&reused), cpu(&reused));
+    for (runs, drained, cpu_label) in [
+        (
+            &reused,
+            "no-op consume + ack, instance = reuse",
+            "CPU per message, instance = reuse",
+        ),
+        (
+            &bare,
+            "no-op without WASI imports (noop_bare) consume + ack",
+            "CPU per message, noop_bare",
+        ),
+    ] {
+        if runs.is_empty() {
+            continue;
+        }
+        let (rr, rc) = (rate(runs), cpu(runs));
         rows.push(
-            Row::new(
-                scenario,
-                "no-op consume + ack, instance = reuse",
-                "msgs/s",
-                rr,
-            )
-            .baseline("raw lapin", br)
-            .compare(ratio_text(rr / br)),
+            Row::new(scenario, drained, "msgs/s", rr)
+                .baseline("raw lapin", br)
+                .compare(ratio_text(rr / br)),
         );
         rows.push(
-            Row::new(scenario, "CPU per message, instance = reuse", "µs", rc)
-                .baseline("raw lapin", bc)
-                .compare(format!("{:+.1} µs", rc - bc)),
-        );
-    }
-    if !bare.is_empty() {
-        let (rr, rc) = (rate(&bare), cpu(&bare));
-        rows.push(
-            Row::new(
-                scenario,
-                "no-op without WASI imports (noop_bare) consume + ack",
-                "msgs/s",
-                rr,
-            )
-            .baseline("raw lapin", br)
-            .compare(ratio_text(rr / br)),
-        );
-        rows.push(
-            Row::new(scenario, "CPU per message, noop_bare", "µs", rc)
+            Row::new(scenario, cpu_label, "µs", rc)
                 .baseline("raw lapin", bc)
                 .compare(format!("{:+.1} µs", rc - bc)),
         );
