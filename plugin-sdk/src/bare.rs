@@ -1,7 +1,7 @@
 //! Support for plugins built for `wasm32-unknown-unknown`: components that import
 //! nothing from WASI, only warren's own `warren:plugin` interfaces.
 //!
-//! Such a component is cheaper to instantiate for every message (about 2.6 µs
+//! Such a component is cheaper to instantiate for every message (about 2 µs
 //! less per message for the no-op plugin, see BENCHMARKS.md), and it gets
 //! exactly what warren grants and nothing else. What it gives up is what WASI
 //! provides: no clocks, no random numbers, no stdout/stderr (use [`crate::log`]).
@@ -38,6 +38,13 @@ pub(crate) fn init() {
         });
     }
 }
+
+// The allocator below takes no lock: it relies on the target having one thread.
+#[cfg(all(feature = "allocator", target_feature = "atomics"))]
+compile_error!(
+    "warren-plugin-sdk's `allocator` feature is single-threaded: build without \
+     `+atomics`, or turn the feature off and bring a thread-safe allocator"
+);
 
 #[cfg(feature = "allocator")]
 mod allocator {
