@@ -32,8 +32,11 @@
 //! and the broker's own delivery limit stays the backstop.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Mutex;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{LazyLock, Mutex};
+
+use foldhash::fast::FixedState as MapHasher;
+use foldhash::quality::RandomState as DigestHasher;
 
 use lapin::message::Delivery;
 
@@ -44,9 +47,16 @@ const CAPACITY: usize = 10_000;
 /// Bytes of the body's start and end that go into the digest.
 const SAMPLE: usize = 4096;
 
-/// A message's identity across deliveries.
+/// The digest's hasher, seeded at random once per process (the ledger lives
+/// in the process): a producer cannot craft a message whose digest collides
+/// with a poison message's and so share its count.
+static DIGEST: LazyLock<DigestHasher> = LazyLock::new(DigestHasher::default);
+
+/// A message's identity across deliveries. Computed for every delivery, so
+/// with foldhash rather than std's SipHash, and over each byte at most once
+/// (a body up to twice the sample is hashed whole).
 pub fn key(d: &Delivery) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = DIGEST.build_hasher();
     d.exchange.as_str().hash(&mut h);
     d.routing_key.as_str().hash(&mut h);
     let p = &d.properties;
@@ -56,15 +66,19 @@ pub fn key(d: &Delivery) -> u64 {
     p.timestamp().hash(&mut h);
     let body = &d.data;
     body.len().hash(&mut h);
-    body[..body.len().min(SAMPLE)].hash(&mut h);
-    body[body.len().saturating_sub(SAMPLE)..].hash(&mut h);
+    if body.len() <= 2 * SAMPLE {
+        body[..].hash(&mut h);
+    } else {
+        body[..SAMPLE].hash(&mut h);
+        body[body.len().saturating_sub(SAMPLE)..].hash(&mut h);
+    }
     h.finish()
 }
 
 /// Deaths of a session while each message was in flight, per pipeline.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    deaths: Mutex<HashMap<u64, u32>>,
+    deaths: Mutex<HashMap<u64, u32, MapHasher>>,
 }
 
 impl Ledger {
@@ -113,7 +127,8 @@ enum Stage {
 /// The deliveries of one session that are in flight, by delivery tag.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    keys: Mutex<HashMap<u64, (u64, Stage)>>,
+    /// By delivery tag; touched twice per message, so not SipHash either.
+    keys: Mutex<HashMap<u64, (u64, Stage), MapHasher>>,
 }
 
 impl InFlight {
