@@ -44,13 +44,10 @@ pub async fn run(opts: &Options) -> Result<Vec<Row>> {
         let mut kinds = [Neighbour::Idle, Neighbour::Looping, Neighbour::BusyThreads];
         kinds.rotate_left(round % 3);
         for k in kinds {
-            let (rate, late) = match one(opts, &conn, &setup, k).await {
-                Ok(r) => r,
-                Err(e) => {
-                    super::throughput::recover(opts, &mut conn, &e).await?;
-                    one(opts, &conn, &setup, k).await?
-                }
-            };
+            let (rate, late) = super::throughput::retried_once(opts, &mut conn, async |c| {
+                one(opts, c, &setup, k).await
+            })
+            .await?;
             match k {
                 Neighbour::Idle => alone.push(rate),
                 Neighbour::Looping => {

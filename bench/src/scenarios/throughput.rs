@@ -42,26 +42,20 @@ pub async fn run(opts: &Options, republish: bool) -> Result<Vec<Row>> {
     };
     for round in 0..opts.rounds.max(1) {
         for &variant in variants {
-            let rate = match drain.run_variant(opts, &conn, &body, variant).await {
-                Ok(r) => r,
-                Err(e) => {
-                    recover(opts, &mut conn, &e).await?;
-                    drain.run_variant(opts, &conn, &body, variant).await?
-                }
-            };
+            let rate = retried_once(opts, &mut conn, async |c| {
+                drain.run_variant(opts, c, &body, variant).await
+            })
+            .await?;
             match variant {
                 Variant::Reuse => reused.push(rate),
                 Variant::Bare => bare.push(rate),
             }
         }
         for sys in order(round) {
-            let rate = match drain.run(opts, &conn, &body, sys).await {
-                Ok(r) => r,
-                Err(e) => {
-                    recover(opts, &mut conn, &e).await?;
-                    drain.run(opts, &conn, &body, sys).await?
-                }
-            };
+            let rate = retried_once(opts, &mut conn, async |c| {
+                drain.run(opts, c, &body, sys).await
+            })
+            .await?;
             match sys {
                 System::Warren => w.push(rate),
                 System::Baseline => b.push(rate),
@@ -143,21 +137,26 @@ pub(crate) enum Variant {
     Bare,
 }
 
-/// After a failed run: say so, wait a moment and reconnect if needed, so the
-/// run can be tried once more. RabbitMQ 3.10 occasionally drops connections
-/// with INTERNAL_ERROR when its quorum-queue segment writer trips over a
-/// deleted queue; one bad moment of the broker should not sink the whole run.
-pub(crate) async fn recover(
+/// `run` on `conn`, and once more after a failure: say so, wait a moment and
+/// reconnect if needed. RabbitMQ 3.10 occasionally drops connections with
+/// INTERNAL_ERROR when its quorum-queue segment writer trips over a deleted
+/// queue; one bad moment of the broker should not sink the whole run.
+pub(crate) async fn retried_once<T>(
     opts: &Options,
     conn: &mut lapin::Connection,
-    e: &anyhow::Error,
-) -> Result<()> {
-    eprintln!("    a run failed ({e:#}); retrying it once");
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    if !conn.status().connected() {
-        *conn = amqp::connect(&opts.broker_url, "throughput").await?;
+    mut run: impl AsyncFnMut(&lapin::Connection) -> Result<T>,
+) -> Result<T> {
+    match run(conn).await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            eprintln!("    a run failed ({e:#}); retrying it once");
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            if !conn.status().connected() {
+                *conn = amqp::connect(&opts.broker_url, "throughput").await?;
+            }
+            run(conn).await
+        }
     }
-    Ok(())
 }
 
 /// The queue(s) of a throughput scenario, reused by all its runs: purged and
