@@ -68,18 +68,45 @@ chaos=$CARGO_TARGET_DIR/debug/chaos
 [ -x "$warren" ] || die "$warren is not built (run without --no-build)"
 [ -x "$chaos" ] || die "$chaos is not built (run without --no-build)"
 
-# The harness stops the cluster itself; this covers an interrupted harness.
+# The harness stops its replicas and the cluster itself, on SIGTERM and SIGINT
+# too (they are passed on to it). This covers a harness that could not: its
+# replicas (found by their config files) and the cluster are stopped here.
+child=
 # shellcheck disable=SC2317  # invoked by the trap
 cleanup() {
   local rc=$?
-  if [ "$rc" != 0 ] && [ -d "$dir/cluster" ]; then
-    log "making sure the cluster in $dir/cluster is stopped"
-    BROKER_PORT=$base BROKER_DIR=$dir/cluster "$repo/scripts/broker.sh" cluster stop >/dev/null 2>&1 || true
+  if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
+    kill -TERM "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+  fi
+  if [ "$rc" != 0 ]; then
+    pkill -KILL -f -- "--config $dir/run/replica-" 2>/dev/null || true
+    if [ -d "$dir/cluster" ]; then
+      log "making sure the cluster in $dir/cluster is stopped"
+      BROKER_PORT=$base BROKER_DIR=$dir/cluster "$repo/scripts/broker.sh" cluster stop >/dev/null 2>&1 || true
+    fi
   fi
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+# A signal is passed on to the harness, which then stops what it started and
+# exits; the script exits with its status.
+forward() { [ -n "$child" ] && kill "-$1" "$child" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
 
+# In the background, so that the traps run while it does (bash runs a trap
+# only between commands, and a foreground command holds it).
 "$chaos" --warren "$warren" --plugin "$WARREN_PLUGIN_DIR/probe.wasm" \
-  --dir "$dir" --base-port "$base" "${args[@]}"
+  --dir "$dir" --base-port "$base" "${args[@]}" &
+child=$!
+rc=0
+# `wait` returns early (status > 128) when a trapped signal arrives: wait
+# again until the harness itself has exited.
+while :; do
+  wait "$child" && rc=0 || rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+child=
+exit "$rc"

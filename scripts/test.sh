@@ -135,7 +135,14 @@ cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$test_log" || rc=$?
 chaos_rc=0
 if [ "${WARREN_TEST_CHAOS:-1}" != 0 ]; then
   step "scripts/chaos.sh --short (fault injection on a local three-node cluster)"
-  bash "$repo/scripts/chaos.sh" --short || chaos_rc=$?
+  # In the background with the signal passed on, so that stopping this script
+  # stops the chaos run's replicas and cluster too (a foreground command
+  # would hold off this script's traps until it ended by itself).
+  bash "$repo/scripts/chaos.sh" --short &
+  chaos_pid=$!
+  trap 'kill -TERM "$chaos_pid" 2>/dev/null; wait "$chaos_pid"; exit 130' INT TERM HUP
+  wait "$chaos_pid" || chaos_rc=$?
+  trap 'exit 130' INT TERM HUP
 else
   step "chaos run skipped (WARREN_TEST_CHAOS=0)"
 fi

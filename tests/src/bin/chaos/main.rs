@@ -11,6 +11,14 @@
 //! table and exits 1 if a message was lost or misplaced, a replica failed to
 //! drain or exited unasked, or the run got stuck; 2 if it could not run.
 //!
+//! It never hangs: every wait has a limit, and the whole run has one deadline
+//! (`--run-deadline-secs`). When a wait or the deadline runs out, the run
+//! stops the traffic and the replicas at once and prints a diagnosis instead
+//! of waiting on: each queue's depth and consumers while the replicas still
+//! ran, what each replica and node reported, and for every confirmed message
+//! not seen whether it sits in a queue (stranded, not lost) or is gone. On
+//! SIGTERM or SIGINT it stops its replicas and its cluster before exiting.
+//!
 //! Every count of a fault is a flag, so the full run of RELIABILITY.md and the
 //! short one of `scripts/test.sh` are the same code (`chaos --help`).
 
@@ -53,6 +61,8 @@ chaos: fault injection against warren replicas on a RabbitMQ cluster
   --close-all N          rabbitmqctl close_all_connections (default 10)
   --reloads N            plugin hot reloads (symlink swaps) (default 50)
   --deadline-secs N      longest wait for any one event (default 240)
+  --run-deadline-secs N  the whole run, cluster start to verdict (default 10800;
+                         1200 with --short); past it the run ends with a diagnosis
   --short                the CI run: 2 replicas, rate 20, 2 replica kills, 1 of
                          every other fault, 3 reloads (flags after it override)
 ";
@@ -68,6 +78,7 @@ struct Args {
     rate: u32,
     counts: Vec<(FaultKind, u32)>,
     deadline: Duration,
+    run_deadline: Duration,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -92,6 +103,7 @@ fn parse_args() -> Result<Option<Args>> {
             (FaultKind::Reload, 50),
         ],
         deadline: Duration::from_secs(240),
+        run_deadline: Duration::from_secs(3 * 3600),
     };
     let mut args = std::env::args().skip(1);
     let set = |a: &mut Args, kind: FaultKind, n: u32| {
@@ -109,6 +121,7 @@ fn parse_args() -> Result<Option<Args>> {
         if flag == "--short" {
             a.replicas = 2;
             a.rate = 20;
+            a.run_deadline = Duration::from_secs(1200);
             for (kind, n) in [
                 (FaultKind::ReplicaKill, 2),
                 (FaultKind::ReplicaTerm, 1),
@@ -146,6 +159,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--close-all" => set(&mut a, FaultKind::CloseAll, num()?),
             "--reloads" => set(&mut a, FaultKind::Reload, num()?),
             "--deadline-secs" => a.deadline = Duration::from_secs(u64::from(num()?)),
+            "--run-deadline-secs" => a.run_deadline = Duration::from_secs(u64::from(num()?)),
             _ => bail!("unknown flag {flag}\n{USAGE}"),
         }
     }
@@ -237,13 +251,28 @@ struct World {
     variants: [PathBuf; 2],
     current_variant: usize,
     next_replica: usize,
+    /// When the faults and the waits for messages must be over, leaving
+    /// [`WRAP_UP`] of the run's deadline to stop everything and report.
+    faults_end: Instant,
 }
 
+/// What the run keeps of its deadline to stop the traffic and the replicas,
+/// look for missing messages and print the report.
+const WRAP_UP: Duration = Duration::from_secs(180);
+
 impl World {
+    /// The limit of one wait: the per-event deadline, or what is left of the
+    /// run's, whichever is shorter.
+    fn limit(&self) -> Duration {
+        self.args
+            .deadline
+            .min(self.faults_end.saturating_duration_since(Instant::now()))
+    }
+
     /// Every replica answers ready.
     async fn all_ready(&self) -> Result<()> {
         for r in &self.replicas {
-            r.ready(self.args.deadline).await?;
+            r.ready(self.limit()).await?;
         }
         Ok(())
     }
@@ -251,7 +280,7 @@ impl World {
     /// New messages arrive again (the event that ends every fault).
     async fn flowing(&self) -> Result<()> {
         let from = self.ledger.arrivals();
-        self.ledger.progress(from, 10, self.args.deadline).await
+        self.ledger.progress(from, 10, self.limit()).await
     }
 
     fn pick_replica(&mut self) -> Arc<Replica> {
@@ -261,7 +290,7 @@ impl World {
     }
 
     async fn inject(&mut self, kind: FaultKind) -> Result<String> {
-        let limit = self.args.deadline;
+        let limit = self.limit();
         match kind {
             FaultKind::ReplicaKill => {
                 let r = self.pick_replica();
@@ -401,8 +430,27 @@ max_delay_ms = 400
     )
 }
 
+/// Turns true at the first SIGTERM, SIGINT or SIGHUP.
+fn interrupts() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => note("SIGTERM: stopping the replicas and the cluster"),
+            _ = int.recv() => note("SIGINT: stopping the replicas and the cluster"),
+            _ = hup.recv() => note("SIGHUP: stopping the replicas and the cluster"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
 async fn run(args: Args) -> Result<bool> {
     let started = Instant::now();
+    let mut interrupted = interrupts()?;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = std::path::absolute(&args.dir)?;
     let cluster = Cluster {
@@ -431,12 +479,23 @@ async fn run(args: Args) -> Result<bool> {
     swap_symlink(&plugin_link, &variants[0])?;
 
     note(&format!(
-        "starting a {}-node cluster on port {} ({})",
+        "starting a {}-node cluster on port {} ({}); the run ends by {:.0} s from now",
         args.nodes,
         args.base_port,
-        cluster.dir.display()
+        cluster.dir.display(),
+        args.run_deadline.as_secs_f64()
     ));
-    let urls = cluster.start().await.context("starting the cluster")?;
+    let urls = tokio::select! {
+        urls = cluster.start() => urls.context("starting the cluster"),
+        _ = interrupted.wait_for(|i| *i) => Err(anyhow::anyhow!("interrupted while the cluster started")),
+    };
+    let urls = match urls {
+        Ok(urls) => urls,
+        Err(e) => {
+            let _ = cluster.stop().await;
+            return Err(e);
+        }
+    };
     note(&format!(
         "cluster up in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -453,7 +512,10 @@ async fn run(args: Args) -> Result<bool> {
         dlq: format!("{input}.dlq"),
         input,
     };
-    traffic::declare(&urls, &queues).await?;
+    if let Err(e) = traffic::declare(&urls, &queues).await {
+        let _ = cluster.stop().await;
+        return Err(e);
+    }
 
     let mut replicas = Vec::new();
     let mut keepers = Vec::new();
@@ -471,19 +533,29 @@ async fn run(args: Args) -> Result<bool> {
         keepers.push(r.keep());
         replicas.push(r);
     }
+    let run_end = started + args.run_deadline;
     let mut world = World {
         args: args.clone(),
         cluster: cluster.clone(),
         urls: urls.clone(),
         queues: queues.clone(),
-        replicas,
+        replicas: replicas.clone(),
         ledger: Arc::new(Ledger::default()),
         plugin_link,
         variants,
         current_variant: 0,
         next_replica: 0,
+        faults_end: run_end.checked_sub(WRAP_UP).unwrap_or(run_end),
     };
-    let outcome = drive(&mut world, keepers).await;
+    let outcome = tokio::select! {
+        o = drive(&mut world, keepers) => o,
+        _ = interrupted.wait_for(|i| *i) => {
+            for r in &replicas {
+                r.kill_for_good().await;
+            }
+            Err(anyhow::anyhow!("interrupted"))
+        }
+    };
     // The cluster is stopped whatever happened; its logs stay on failure.
     let stop = cluster.stop().await;
     let result = match (outcome, stop) {
@@ -502,6 +574,31 @@ async fn run(args: Args) -> Result<bool> {
         work.display()
     ));
     result
+}
+
+/// What the world looks like when the run went wrong, taken while the
+/// replicas still run: each queue, each replica's readiness, each node.
+async fn snapshot(w: &World, queues: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut lines = Vec::new();
+    match traffic::inspect(&w.urls, queues, Duration::from_secs(30)).await {
+        Ok(states) => lines.extend(states.iter().map(|s| {
+            format!(
+                "queue {}: {} ready, {} consumers",
+                s.name, s.ready, s.consumers
+            )
+        })),
+        Err(e) => lines.push(format!("queues: no node answered: {e:#}")),
+    }
+    for r in &w.replicas {
+        lines.push(format!("replica {}: {}", r.index, r.describe().await));
+    }
+    let cluster =
+        match tokio::time::timeout(Duration::from_secs(60), w.cluster.run(&["status"])).await {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => format!("cluster status failed: {e:#}"),
+            Err(_) => "cluster status did not answer within 60 s".to_string(),
+        };
+    (lines, cluster.lines().map(str::to_string).collect())
 }
 
 /// The run once the cluster is up and the replicas are started: traffic,
@@ -536,7 +633,16 @@ async fn drive(w: &mut World, keepers: Vec<tokio::task::JoinHandle<()>>) -> Resu
     let mut stuck: Option<String> = None;
     for (n, kind) in plan.iter().enumerate() {
         let start = Instant::now();
-        let result = w.inject(*kind).await;
+        let left = w.faults_end.saturating_duration_since(start);
+        // The fault's own waits are limited; this also bounds the cluster
+        // commands and anything else it awaits by the run's deadline.
+        let result = match tokio::time::timeout(left, w.inject(*kind)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!(
+                "the run's deadline ({:?}) came during this fault",
+                w.args.run_deadline
+            )),
+        };
         let took = start.elapsed();
         match result {
             Ok(detail) => {
@@ -571,51 +677,93 @@ async fn drive(w: &mut World, keepers: Vec<tokio::task::JoinHandle<()>>) -> Resu
     let faults_done = Instant::now();
 
     let _ = stop_tx.send(true);
-    let published = publisher
-        .await
-        .context("publisher task")?
-        .context("publisher")?;
+    let published = match tokio::time::timeout(Duration::from_secs(30), publisher).await {
+        Ok(joined) => joined.context("publisher task")?.context("publisher")?,
+        Err(_) => bail!("the publisher did not stop within 30 s of being asked"),
+    };
     note(&format!(
         "publisher stopped: {} confirmed; waiting for every message",
         published.confirmed
     ));
-    let arrived = w.ledger.all_arrived(w.args.deadline).await;
+    // After a stuck fault there is nothing to wait for: the diagnosis below
+    // says where the missing messages are.
+    let arrived = if stuck.is_some() {
+        Err(anyhow::anyhow!(
+            "{} confirmed messages not seen when the run was stopped",
+            w.ledger.missing()
+        ))
+    } else {
+        w.ledger.all_arrived(w.limit()).await
+    };
     if let Err(e) = &arrived {
         note(&format!("{e:#}"));
     }
 
-    // Stop the replicas: what they still held unacked goes back to the
-    // queues, where the counts below find it.
-    let mut stop_errors = Vec::new();
-    for (r, keeper) in w.replicas.iter().zip(keepers) {
-        if let Err(e) = r.stop(keeper, w.args.deadline).await {
-            stop_errors.push(format!("{e:#}"));
-        }
-    }
     let tiers: Vec<String> = [200, 400]
         .iter()
         .map(|ms| format!("{}.retry.{ms}", w.queues.input))
         .collect();
     let mut warren_queues = vec![w.queues.input.clone()];
     warren_queues.extend(tiers);
-    let left = traffic::depths(&w.urls, &warren_queues).await?;
-    // The collector drains the terminal places (late duplicates included).
     let terminal = vec![
         w.queues.replies.clone(),
         w.queues.output.clone(),
         w.queues.dlq.clone(),
     ];
-    let deadline = Instant::now() + w.args.deadline;
-    let mut terminal_left = traffic::depths(&w.urls, &terminal).await?;
-    while terminal_left.iter().any(|(_, n)| *n > 0) && Instant::now() < deadline {
+    let all_queues: Vec<String> = warren_queues.iter().chain(&terminal).cloned().collect();
+    let troubled = stuck.is_some() || arrived.is_err();
+    let seen_while_running = if troubled {
+        note("taking a snapshot of queues, replicas and nodes");
+        Some(snapshot(w, &all_queues).await)
+    } else {
+        None
+    };
+
+    // Stop the replicas: what they still held unacked goes back to the
+    // queues, where the counts below find it.
+    let mut stop_errors = Vec::new();
+    for (r, keeper) in w.replicas.iter().zip(keepers) {
+        if let Err(e) = r.stop(keeper, Duration::from_secs(30)).await {
+            stop_errors.push(format!("{e:#}"));
+        }
+    }
+    let left = traffic::depths(&w.urls, &warren_queues, Duration::from_secs(60)).await?;
+    // The collector drains the terminal places (late duplicates included),
+    // as long as they keep getting shorter.
+    let quiet = Duration::from_secs(if troubled { 15 } else { 60 });
+    let mut terminal_left = traffic::depths(&w.urls, &terminal, Duration::from_secs(60)).await?;
+    let mut last_change = Instant::now();
+    while terminal_left.iter().any(|(_, n)| *n > 0) && last_change.elapsed() < quiet {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        terminal_left = traffic::depths(&w.urls, &terminal).await?;
+        let now = traffic::depths(&w.urls, &terminal, Duration::from_secs(60)).await?;
+        if now != terminal_left {
+            last_change = Instant::now();
+        }
+        terminal_left = now;
     }
     let _ = collect_tx.send(true);
-    let collector_reconnects = collector
-        .await
-        .context("collector task")?
-        .context("collector")?;
+    let collector_reconnects = match tokio::time::timeout(Duration::from_secs(30), collector).await
+    {
+        Ok(joined) => joined.context("collector task")?.context("collector")?,
+        Err(_) => bail!("the collector did not stop within 30 s of being asked"),
+    };
+
+    // Confirmed ids never seen: are they sitting in a queue, or gone?
+    let located = if w.ledger.missing() > 0 {
+        note(&format!(
+            "looking for {} missing messages in the queues",
+            w.ledger.missing()
+        ));
+        match traffic::locate(&w.urls, &all_queues, Duration::from_secs(60)).await {
+            Ok(found) => Some(found),
+            Err(e) => {
+                note(&format!("could not read the queues: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     let exits: Vec<replicas::Exit> = w.replicas.iter().flat_map(|r| r.exits()).collect();
     let report = report::Report {
@@ -635,6 +783,11 @@ async fn drive(w: &mut World, keepers: Vec<tokio::task::JoinHandle<()>>) -> Resu
         not_arrived: arrived.err().map(|e| format!("{e:#}")),
         stop_errors,
         grace: Duration::from_secs(10),
+        diagnosis: seen_while_running.map(|(queues, cluster)| report::Diagnosis {
+            while_running: queues,
+            cluster,
+        }),
+        located,
     };
     Ok(report.print())
 }

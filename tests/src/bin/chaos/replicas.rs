@@ -244,16 +244,64 @@ impl Replica {
             .map(str::to_string)
     }
 
-    /// Stop for good: no restart; SIGTERM, and wait for the exit.
-    pub async fn stop(&self, keeper: JoinHandle<()>, limit: Duration) -> Result<()> {
+    /// Stop for good: no restart; SIGTERM, and wait for the exit. A replica
+    /// still running after `limit` is killed, and that is an error.
+    pub async fn stop(&self, mut keeper: JoinHandle<()>, limit: Duration) -> Result<()> {
         self.state().stopping = true;
         if self.state().pid.is_some() {
             self.signal(Signal::Term).await?;
         }
-        tokio::time::timeout(limit, keeper)
-            .await
-            .with_context(|| format!("replica {} did not stop within {limit:?}", self.index))?
-            .context("keeper task failed")?;
-        Ok(())
+        match tokio::time::timeout(limit, &mut keeper).await {
+            Ok(joined) => joined.context("keeper task failed"),
+            Err(_) => {
+                self.kill_for_good().await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), keeper).await;
+                bail!(
+                    "replica {} did not stop within {limit:?} of SIGTERM; killed",
+                    self.index
+                )
+            }
+        }
+    }
+
+    /// SIGKILL the process and keep it from being started again (the run is
+    /// being torn down).
+    pub async fn kill_for_good(&self) {
+        self.state().stopping = true;
+        if self.state().pid.is_some() {
+            let _ = self.signal(Signal::Kill).await;
+        }
+    }
+
+    /// One line on how it is doing, for a diagnosis: running or not, its
+    /// exits so far, and its readiness answer.
+    pub async fn describe(&self) -> String {
+        let pid = self.state().pid;
+        let exits = self.exits();
+        let base = format!("http://127.0.0.1:{}", self.ops_port);
+        let ready = match warren_tests::http("GET", &base, "/healthz/ready", None).await {
+            Ok((status, body)) => {
+                let body: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+                let cut: String = body.chars().take(600).collect();
+                format!("readiness {status}: {cut}")
+            }
+            Err(e) => format!("readiness: {e:#}"),
+        };
+        format!(
+            "{}, {} starts, {} exits ({}), log {}; {ready}",
+            pid.map_or("not running".to_string(), |p| format!("pid {p}")),
+            self.generation(),
+            exits.len(),
+            exits
+                .iter()
+                .map(|e| format!(
+                    "{}{}",
+                    e.signal.map_or("unasked", |s| s.name()),
+                    if e.success { " ok" } else { "" }
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.log.display()
+        )
     }
 }

@@ -1,6 +1,7 @@
 //! The accounting at the end of a run, printed as one Markdown table (the one
 //! RELIABILITY.md keeps), and the verdict.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::replicas::{Exit, Signal};
@@ -69,6 +70,20 @@ pub struct Report {
     pub not_arrived: Option<String>,
     pub stop_errors: Vec<String>,
     pub grace: Duration,
+    /// Taken when the run went wrong, before the replicas were stopped.
+    pub diagnosis: Option<Diagnosis>,
+    /// Where the confirmed ids never seen were found once everything
+    /// stopped (`true`: every queue was read to the end).
+    pub located: Option<(HashMap<u64, String>, bool)>,
+}
+
+/// The state of the world when the run went wrong.
+#[derive(Debug)]
+pub struct Diagnosis {
+    /// Each queue's depth and consumers, then each replica's state.
+    pub while_running: Vec<String>,
+    /// `broker.sh cluster status`.
+    pub cluster: Vec<String>,
 }
 
 /// How far a drain may run past the grace period (process exit, log flush)
@@ -110,9 +125,13 @@ impl Report {
         let mut collector_redelivered = 0u64;
         let mut ids: Vec<u64> = l.confirmed.iter().copied().collect();
         ids.sort_unstable();
+        let mut stranded: HashMap<&str, Vec<u64>> = HashMap::new();
         for id in &ids {
             let Some(seen) = l.seen.get(id) else {
-                lost.push(*id);
+                match self.located.as_ref().and_then(|(found, _)| found.get(id)) {
+                    Some(queue) => stranded.entry(queue.as_str()).or_default().push(*id),
+                    None => lost.push(*id),
+                }
                 continue;
             };
             let want = Kind::of(*id).place();
@@ -217,7 +236,12 @@ impl Report {
                 "{dup_copies} extra copies of {dup_ids} ids ({dup_resent} of them ids the publisher sent twice)"
             ),
         );
+        let stranded_total: usize = stranded.values().map(Vec::len).sum();
         row("**lost**", format!("**{}**", lost.len()));
+        row(
+            "not seen, but found in a queue afterwards",
+            stranded_total.to_string(),
+        );
         row(
             "left in queues / unacked after the run",
             left_total.to_string(),
@@ -255,9 +279,36 @@ impl Report {
             ok = false;
             println!("FAIL: {text}");
         };
+        if let Some(d) = &self.diagnosis {
+            println!("### diagnosis, taken before the replicas were stopped");
+            println!();
+            for line in d.while_running.iter().chain(&d.cluster) {
+                println!("    {line}");
+            }
+            println!();
+        }
         if !lost.is_empty() {
             let first: Vec<String> = lost.iter().take(20).map(|id| format!("m{id}")).collect();
-            fail(format!("{} messages lost: {}", lost.len(), first.join(" ")));
+            let how = match &self.located {
+                Some((_, true)) => "in no queue either: gone",
+                Some((_, false)) => "not found in the part of the queues read in time",
+                None => "the queues were not read",
+            };
+            fail(format!(
+                "{} messages lost ({how}): {}",
+                lost.len(),
+                first.join(" ")
+            ));
+        }
+        let mut stranded: Vec<(&str, Vec<u64>)> = stranded.into_iter().collect();
+        stranded.sort();
+        for (queue, ids) in &stranded {
+            let first: Vec<String> = ids.iter().take(10).map(|id| format!("m{id}")).collect();
+            fail(format!(
+                "{} messages not lost but stranded in {queue}, never consumed: {}",
+                ids.len(),
+                first.join(" ")
+            ));
         }
         for (id, reason) in misplaced.iter().take(20) {
             fail(format!(

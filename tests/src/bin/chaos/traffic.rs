@@ -291,31 +291,127 @@ pub async fn declare(urls: &[String], q: &Queues) -> Result<()> {
             .await
             .with_context(|| format!("declaring {name}"))?;
     }
-    let _ = conn.close(200, "declared".into()).await;
+    let _ = tokio::time::timeout(STEP, conn.close(200, "declared".into())).await;
     Ok(())
 }
 
-/// Ready message counts of `queues` (passive declares: exact, unlike the
-/// management API's, which lags).
-pub async fn depths(urls: &[String], queues: &[String]) -> Result<Vec<(String, u32)>> {
-    let mut next = 0;
-    let conn = connect(urls, &mut next, "depths", Duration::from_secs(60)).await?;
+/// A broker step that has not answered in this long is not going to: a
+/// connection can stay open to a node that no longer serves it.
+pub const STEP: Duration = Duration::from_secs(15);
+
+/// One queue as the broker sees it: ready messages and consumers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueState {
+    pub name: String,
+    pub ready: u32,
+    pub consumers: u32,
+}
+
+/// Passive declares of `queues` on `conn` (exact counts, unlike the
+/// management API's, which lag): one channel each, since a queue that is
+/// missing closes its channel.
+async fn inspect_on(conn: &Connection, queues: &[String]) -> Result<Vec<QueueState>> {
     let mut out = Vec::new();
     for q in queues {
-        let ch = conn.create_channel().await?;
+        let ch = tokio::time::timeout(STEP, conn.create_channel())
+            .await
+            .context("opening a channel timed out")??;
         let opts = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let declared = ch
-            .queue_declare(q.as_str().into(), opts, FieldTable::default())
-            .await
-            .with_context(|| format!("looking up {q}"))?;
-        out.push((q.clone(), declared.message_count()));
-        let _ = ch.close(200, "ok".into()).await;
+        let declared = tokio::time::timeout(
+            STEP,
+            ch.queue_declare(q.as_str().into(), opts, FieldTable::default()),
+        )
+        .await
+        .with_context(|| format!("looking up {q} timed out"))?
+        .with_context(|| format!("looking up {q}"))?;
+        out.push(QueueState {
+            name: q.clone(),
+            ready: declared.message_count(),
+            consumers: declared.consumer_count(),
+        });
+        let _ = tokio::time::timeout(STEP, ch.close(200, "ok".into())).await;
     }
-    let _ = conn.close(200, "counted".into()).await;
     Ok(out)
+}
+
+/// The state of `queues`, through whichever node answers within `limit`.
+pub async fn inspect(
+    urls: &[String],
+    queues: &[String],
+    limit: Duration,
+) -> Result<Vec<QueueState>> {
+    let mut next = 0;
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let conn = connect(urls, &mut next, "inspect", left).await?;
+        let result = inspect_on(&conn, queues).await;
+        let _ = tokio::time::timeout(STEP, conn.close(200, "counted".into())).await;
+        match result {
+            Ok(states) => return Ok(states),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// Ready message counts of `queues`.
+pub async fn depths(
+    urls: &[String],
+    queues: &[String],
+    limit: Duration,
+) -> Result<Vec<(String, u32)>> {
+    Ok(inspect(urls, queues, limit)
+        .await?
+        .into_iter()
+        .map(|s| (s.name, s.ready))
+        .collect())
+}
+
+/// Take every message left in `queues` (the run is over: nothing consumes
+/// them any more) and say where each id was sitting. Bounded by `limit`; what
+/// was not reached in time is reported as not looked at.
+pub async fn locate(
+    urls: &[String],
+    queues: &[String],
+    limit: Duration,
+) -> Result<(HashMap<u64, String>, bool)> {
+    let deadline = Instant::now() + limit;
+    let mut next = 0;
+    let conn = connect(urls, &mut next, "locate", limit).await?;
+    let mut found = HashMap::new();
+    let mut complete = true;
+    'queues: for q in queues {
+        let ch = tokio::time::timeout(STEP, conn.create_channel())
+            .await
+            .context("opening a channel timed out")??;
+        loop {
+            if Instant::now() >= deadline {
+                complete = false;
+                break 'queues;
+            }
+            let got = tokio::time::timeout(
+                STEP,
+                ch.basic_get(
+                    q.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                ),
+            )
+            .await
+            .with_context(|| format!("basic.get on {q} timed out"))?
+            .with_context(|| format!("basic.get on {q}"))?;
+            let Some(m) = got else { break };
+            if let Some(id) = id_of(&m.delivery) {
+                found.entry(id).or_insert_with(|| q.clone());
+            }
+        }
+        let _ = tokio::time::timeout(STEP, ch.close(200, "ok".into())).await;
+    }
+    let _ = tokio::time::timeout(STEP, conn.close(200, "located".into())).await;
+    Ok((found, complete))
 }
 
 /// Publisher statistics.
@@ -395,7 +491,11 @@ pub async fn publish(
             }
         };
         if link.is_none() {
-            link = Some(publisher_channel(&urls, &mut next_node).await?);
+            // Stopping wins over a node that takes its time to answer.
+            tokio::select! {
+                l = publisher_channel(&urls, &mut next_node) => link = Some(l?),
+                _ = stop.wait_for(|s| *s) => break,
+            }
             stats.reconnects += 1;
         }
         let Some((_, ch)) = &link else { continue };
@@ -418,7 +518,7 @@ pub async fn publish(
         stats.sent += 1;
         // One limit for the publish and its confirm: on a connection to a
         // node that went away either can wait forever.
-        let confirmed = tokio::time::timeout(CONFIRM_LIMIT, async {
+        let attempt = tokio::time::timeout(CONFIRM_LIMIT, async {
             let confirm = ch
                 .basic_publish(
                     "".into(),
@@ -432,9 +532,14 @@ pub async fn publish(
                 )
                 .await?;
             anyhow::Ok(matches!(confirm.await, Ok(Confirmation::Ack(None))))
-        })
-        .await
-        .is_ok_and(|r| r.unwrap_or(false));
+        });
+        // A publish cut off by the stop is neither confirmed nor sent again:
+        // the ledger does not count on it, and a copy that arrives anyway is
+        // reported as never confirmed.
+        let confirmed = tokio::select! {
+            r = attempt => r.is_ok_and(|r| r.unwrap_or(false)),
+            _ = stop.wait_for(|s| *s) => break,
+        };
         if confirmed {
             ledger.confirmed(this);
             stats.confirmed += 1;
@@ -457,7 +562,7 @@ pub async fn publish(
         }
     }
     if let Some((conn, _)) = link.take() {
-        let _ = conn.close(200, "done".into()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
     }
     Ok(stats)
 }
@@ -483,8 +588,97 @@ fn reason_of(d: &lapin::message::Delivery) -> Option<String> {
     }
 }
 
-/// Consume the terminal places into the ledger until `stop` turns true.
-/// Returns the number of reconnects.
+/// How often the collector asks the broker whether its consumers still exist.
+const WATCH_EVERY: Duration = Duration::from_secs(3);
+
+/// Checks in a row that may find a queue without a consumer, or fail, before
+/// the collector starts over: one could be a consume not yet registered.
+const WATCH_STRIKES: u32 = 2;
+
+/// One session of the collector: a connection, a channel consuming every
+/// terminal place, and a watchdog. Ends with an error when anything about it
+/// stops working: a consumer cancelled by the broker (its stream ends), the
+/// channel or connection closed, or a queue the broker says has no consumer
+/// (a cluster restart can drop a consumer and keep the connection).
+async fn collect_session(
+    conn: &Connection,
+    places: &[(Place, String)],
+    ledger: &Ledger,
+) -> Result<()> {
+    let ch = tokio::time::timeout(STEP, conn.create_channel())
+        .await
+        .context("opening a channel timed out")??;
+    tokio::time::timeout(STEP, ch.basic_qos(200, BasicQosOptions::default()))
+        .await
+        .context("basic.qos timed out")??;
+    let mut streams = Vec::new();
+    for (place, name) in places {
+        let consumer = tokio::time::timeout(
+            STEP,
+            ch.basic_consume(
+                name.as_str().into(),
+                format!("chaos-{}", place.name()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .with_context(|| format!("consuming {name} timed out"))?
+        .with_context(|| format!("consuming {name}"))?;
+        let place = *place;
+        // A consumer's stream ends when the broker cancels it: the `None`
+        // after its last delivery says so.
+        let stream = consumer
+            .map(move |d| (place, Some(d)))
+            .chain(futures_util::stream::once(async move { (place, None) }));
+        streams.push(stream.boxed());
+    }
+    let names: Vec<String> = places.iter().map(|(_, n)| n.clone()).collect();
+    let mut all = futures_util::stream::select_all(streams);
+    let mut watch = tokio::time::interval(WATCH_EVERY);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut strikes = 0u32;
+    loop {
+        tokio::select! {
+            item = all.next() => match item {
+                Some((place, Some(d))) => {
+                    let d = d.with_context(|| format!("consumer of the {} queue", place.name()))?;
+                    ledger.arrived(place, id_of(&d), d.redelivered, reason_of(&d));
+                    tokio::time::timeout(STEP, d.acker.ack(BasicAckOptions::default()))
+                        .await
+                        .context("ack timed out")??;
+                }
+                Some((place, None)) => bail!("the broker cancelled the consumer of the {} queue", place.name()),
+                None => bail!("every consumer ended"),
+            },
+            _ = watch.tick() => {
+                if !ch.status().connected() {
+                    bail!("the consuming channel is closed");
+                }
+                let problem = match inspect_on(conn, &names).await {
+                    Ok(states) => states
+                        .iter()
+                        .find(|s| s.consumers == 0)
+                        .map(|s| format!("the broker lists no consumer on {}", s.name)),
+                    Err(e) => Some(format!("checking the consumers failed: {e:#}")),
+                };
+                match problem {
+                    None => strikes = 0,
+                    Some(p) => {
+                        strikes += 1;
+                        if strikes >= WATCH_STRIKES {
+                            bail!("{p} ({strikes} checks in a row)");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Consume the terminal places into the ledger until `stop` turns true,
+/// starting a new session (connection and consumers) whenever one stops
+/// working. Returns the number of sessions after the first.
 pub async fn collect(
     urls: Vec<String>,
     q: Queues,
@@ -503,42 +697,20 @@ pub async fn collect(
             return Ok(reconnects);
         }
         reconnects += 1;
-        let conn = connect(&urls, &mut next_node, "collector", Duration::from_secs(600)).await?;
-        let session = async {
-            let ch = conn.create_channel().await?;
-            ch.basic_qos(200, BasicQosOptions::default()).await?;
-            let mut streams = Vec::new();
-            for (place, name) in &places {
-                let consumer = ch
-                    .basic_consume(
-                        name.as_str().into(),
-                        format!("chaos-{}", place.name()).into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .with_context(|| format!("consuming {name}"))?;
-                let place = *place;
-                streams.push(consumer.map(move |d| (place, d)).boxed());
-            }
-            let mut all = futures_util::stream::select_all(streams);
-            while let Some((place, d)) = all.next().await {
-                let d = d?;
-                ledger.arrived(place, id_of(&d), d.redelivered, reason_of(&d));
-                d.acker.ack(BasicAckOptions::default()).await?;
-            }
-            anyhow::Ok(())
+        let conn = tokio::select! {
+            c = connect(&urls, &mut next_node, "collector", Duration::from_secs(600)) => c?,
+            _ = stop.wait_for(|s| *s) => return Ok(reconnects),
         };
         tokio::select! {
-            r = session => {
+            r = collect_session(&conn, &places, &ledger) => {
                 if let Err(e) = r {
-                    tracing_note(&format!("collector session ended: {e:#}"));
+                    tracing_note(&format!("collector: starting a new session: {e:#}"));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            _ = stop.changed() => {}
+            _ = stop.wait_for(|s| *s) => {}
         }
-        let _ = conn.close(200, "done".into()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
     }
 }
 
