@@ -126,11 +126,11 @@ struct DlqTarget {
     /// Messages read at most (selected or not).
     #[arg(long, default_value_t = warren::dlq::DEFAULT_LIMIT)]
     limit: usize,
-    /// Only messages whose reason contains this text (case-insensitive).
-    #[arg(long)]
+    /// Only messages whose reason contains this text (case-insensitive; not empty).
+    #[arg(long, value_parser = warren::dlq::parse_reason)]
     reason: Option<String>,
-    /// Only messages parked by this plugin version (or digest prefix).
-    #[arg(long)]
+    /// Only messages parked by this plugin version (or digest prefix, 4 hex digits at least).
+    #[arg(long, value_parser = warren::dlq::parse_version)]
     version: Option<String>,
 }
 

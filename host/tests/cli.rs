@@ -165,6 +165,38 @@ fn dlq_purge_needs_yes_and_touches_nothing_without_it() {
     );
 }
 
+#[test]
+fn dlq_filters_that_would_select_more_than_meant_are_refused() {
+    // Refused while parsing the arguments: no config read, no broker asked.
+    for args in [
+        &["--reason", ""][..],
+        &["--reason", "  "],
+        &["--version", "0"],
+        &["--version", "abc"],
+        &["--version", "xyz1"],
+    ] {
+        for command in [
+            &["dlq", "purge", "--yes"][..],
+            &["dlq", "purge", "--dry-run"],
+            &["dlq", "redrive"],
+            &["dlq", "redrive", "--dry-run"],
+            &["dlq", "show"],
+        ] {
+            let mut all = command.to_vec();
+            all.extend(["--config", "/nonexistent/warren.toml", "--pipeline", "p"]);
+            all.extend(args);
+            let out = warren(&all);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{all:?}: {stderr}");
+            assert!(stderr.contains(args[0]), "{all:?}: {stderr}");
+            assert!(
+                !stderr.contains("nonexistent"),
+                "{all:?} read the config: {stderr}"
+            );
+        }
+    }
+}
+
 fn pipeline_x(extra: &str) -> String {
     format!("[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}\n")
 }
