@@ -477,6 +477,7 @@ fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
     replace_file(&file, &std::fs::read(plugin("tag_a")).unwrap());
     // A debounce far longer than the test: only SIGHUP can make warren look
     // at the new file in time.
+    let queue = unique("sighup");
     let cfg = temp_config(
         "sighup",
         &format!(
@@ -485,7 +486,7 @@ fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
              [[pipeline]]\nname = \"tagger\"\nqueue = {:?}\nqueue_type = \"classic\"\n\
              plugin = {:?}\n",
             broker_url(),
-            unique("sighup"),
+            queue,
             file.display().to_string()
         ),
     );
@@ -511,6 +512,7 @@ fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
     let status = warren.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", warren.seen.join("\n"));
     warren.wait_for("stopped", Duration::from_secs(1));
+    delete_queues(&queue);
 }
 
 /// A port nothing listens on now.
@@ -815,6 +817,7 @@ fn run_keeps_secrets_out_of_logs_and_the_ops_endpoint() {
         "{log}"
     );
     assert!(!log.contains(&secret), "the secret is in the log:\n{log}");
+    delete_queues(&queue);
 }
 
 /// Publish `body` to `queue` asking for a reply, and return the reply's
@@ -881,8 +884,21 @@ fn ask(queue: &str, body: &str) -> String {
     })
 }
 
-/// Delete a classic pipeline's queues (`max_attempts = 1`: no retry tier).
+/// Delete the queues warren made for a pipeline on `queue` with the default
+/// retry delays (queue, DLQ, every retry tier), and its `.replies` queue.
 fn delete_queues(queue: &str) {
+    let tiers = warren::retry::RetryTiers::new(&warren::retry::RetryConfig::default());
+    let mut names = vec![
+        queue.to_string(),
+        format!("{queue}.dlq"),
+        format!("{queue}.replies"),
+    ];
+    names.extend(
+        tiers
+            .delays_ms()
+            .iter()
+            .map(|ms| warren::retry::tier_queue(queue, *ms)),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -893,7 +909,7 @@ fn delete_queues(queue: &str) {
                 .await
                 .expect("connecting to the test broker");
         let channel = conn.create_channel().await.unwrap();
-        for q in [queue.to_string(), format!("{queue}.dlq")] {
+        for q in names {
             let _ = channel
                 .queue_delete(
                     q.as_str().into(),
