@@ -211,6 +211,13 @@ impl BrokerConfig {
                      or amqps://..."
                 )
             })?;
+            // Never logged by warren (see `redacted`); kept out of what a
+            // library might log too (unless it is the user name, which is
+            // not secret and shown).
+            let user = &uri.authority.userinfo;
+            if user.password != user.username {
+                crate::logging::hide(&user.password);
+            }
             schemes.push(uri.scheme);
         }
         if schemes.windows(2).any(|w| w[0] != w[1]) {

@@ -102,7 +102,60 @@ pub struct Selection {
     pub older_than: Option<Duration>,
 }
 
+/// Fewest hex digits `--version` takes: a shorter prefix of a digest would
+/// select the versions of most plugins at once.
+pub const MIN_VERSION_DIGITS: usize = 4;
+
+/// Most hex digits `--version` takes: a whole SHA-256.
+const MAX_VERSION_DIGITS: usize = 64;
+
+/// A `--reason`: refused when empty or only blanks, since every reason
+/// contains that (one unset shell variable in `--reason "$R" --yes` would
+/// otherwise purge the whole DLQ).
+pub fn parse_reason(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err(format!(
+            "{text:?} would match every reason; give the text the reasons to select contain"
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// A `--version`: a plugin version or digest prefix, at least
+/// [`MIN_VERSION_DIGITS`] hex digits (lower-cased, as warren writes them).
+/// Anything else could only ever match nothing, or, as a shorter prefix,
+/// far more than meant.
+pub fn parse_version(text: &str) -> Result<String, String> {
+    let n = text.len();
+    if !(MIN_VERSION_DIGITS..=MAX_VERSION_DIGITS).contains(&n)
+        || !text.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(format!(
+            "{text:?} is not a plugin version: give {MIN_VERSION_DIGITS} to {MAX_VERSION_DIGITS} \
+             hex digits of its SHA-256 (as `warren dlq list` shows them)"
+        ));
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
 impl Selection {
+    /// Refuse a selection that selects more than any operator could mean (an
+    /// empty `reason`) or a `version` that is no version; see
+    /// [`parse_reason`] and [`parse_version`]. Every command that reads a
+    /// DLQ with a selection checks it first.
+    pub fn check(&self) -> Result<()> {
+        if let Some(r) = &self.reason {
+            parse_reason(r).map_err(|e| anyhow::anyhow!("--reason {e}"))?;
+        }
+        if let Some(v) = &self.version {
+            let normal = parse_version(v).map_err(|e| anyhow::anyhow!("--version {e}"))?;
+            if normal != *v {
+                bail!("--version {v:?} must be in lower case, as warren writes versions");
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `m` is selected, at time `now`.
     pub fn matches(&self, m: &Parked, now: SystemTime) -> bool {
         if let Some(r) = &self.reason
@@ -356,6 +409,7 @@ pub async fn read(
     limit: usize,
     selection: &Selection,
 ) -> Result<Vec<Parked>> {
+    selection.check()?;
     let mut reader = Reader::open(broker, &p.dlq_name(), limit).await?;
     let parked = reader.read_all().await;
     reader.close().await?;
@@ -429,6 +483,7 @@ pub async fn redrive(
     how: &Redrive,
     line: &mut dyn FnMut(&str),
 ) -> Result<RedriveReport> {
+    how.selection.check()?;
     let mut reader = Reader::open(broker, &p.dlq_name(), how.limit).await?;
     let result = redrive_with(&mut reader, p, how, line).await;
     // Whatever happened, closing returns what was not moved, in order.
@@ -542,6 +597,7 @@ pub async fn purge(
     how: &Purge,
     line: &mut dyn FnMut(&str),
 ) -> Result<PurgeReport> {
+    how.selection.check()?;
     let mut reader = Reader::open(broker, &p.dlq_name(), how.limit).await?;
     let result = purge_with(&mut reader, how, line).await;
     let closed = reader.close().await;
@@ -835,6 +891,29 @@ mod tests {
             get(REDRIVEN).as_deref(),
             Some("3, 2023-11-14T22:13:20.000Z")
         );
+    }
+
+    #[test]
+    fn reasons_and_versions_that_would_select_more_than_meant_are_refused() {
+        for r in ["", " ", "\t\n", "\u{a0}"] {
+            assert!(parse_reason(r).is_err(), "{r:?}");
+        }
+        assert_eq!(parse_reason(" x ").as_deref(), Ok(" x "));
+        for v in ["", "0", "abc", "abcg", "12 34", &"a".repeat(65)] {
+            assert!(parse_version(v).is_err(), "{v:?}");
+        }
+        assert_eq!(parse_version("ABcd").as_deref(), Ok("abcd"));
+        assert_eq!(parse_version("0123456789ab").as_deref(), Ok("0123456789ab"));
+        let sel = |reason: Option<&str>, version: Option<&str>| Selection {
+            reason: reason.map(str::to_string),
+            version: version.map(str::to_string),
+            ..Selection::default()
+        };
+        assert!(sel(Some(""), None).check().is_err());
+        assert!(sel(None, Some("0")).check().is_err());
+        assert!(sel(None, Some("ABCD")).check().is_err());
+        assert!(sel(Some("x"), Some("abcd")).check().is_ok());
+        assert!(Selection::default().check().is_ok());
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub mod disposition;
 pub mod dlq;
 pub(crate) mod downstream;
 pub mod envelope;
+pub mod logging;
 pub mod logtext;
 pub mod ops;
 pub(crate) mod outbound;

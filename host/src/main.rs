@@ -126,11 +126,11 @@ struct DlqTarget {
     /// Messages read at most (selected or not).
     #[arg(long, default_value_t = warren::dlq::DEFAULT_LIMIT)]
     limit: usize,
-    /// Only messages whose reason contains this text (case-insensitive).
-    #[arg(long)]
+    /// Only messages whose reason contains this text (case-insensitive; not empty).
+    #[arg(long, value_parser = warren::dlq::parse_reason)]
     reason: Option<String>,
-    /// Only messages parked by this plugin version (or digest prefix).
-    #[arg(long)]
+    /// Only messages parked by this plugin version (or digest prefix, 4 hex digits at least).
+    #[arg(long, value_parser = warren::dlq::parse_version)]
     version: Option<String>,
 }
 
@@ -548,15 +548,21 @@ fn init_logging(flag: Option<Format>, configured: LogFormat) {
         None => configured == LogFormat::Json,
     };
     // Colours only for a terminal: in a file or a log collector the escape
-    // codes are noise.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // codes are noise. Whatever RUST_LOG says, wasmtime's crates log at most
+    // at INFO (their TRACE lines carry the arguments of every WIT call a
+    // plugin makes) and known secret values are replaced in every line: see
+    // `warren::logging`.
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let cap = tracing_subscriber::filter::filter_fn(warren::logging::allowed);
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(warren::logging::stderr);
+    let registry = tracing_subscriber::registry().with(filter).with(cap);
     if json {
-        builder.json().with_current_span(true).init();
+        registry.with(layer.json().with_current_span(true)).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
 }
 

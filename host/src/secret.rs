@@ -5,7 +5,9 @@
 //! and `Display` print `<redacted>`, and in the map handed to the plugin
 //! ([`PluginSettings`], whose `Debug` prints the keys only). Errors about a
 //! secret name its variable, never its value, so neither logs, `warren check`,
-//! the ops endpoint nor an error message can show it.
+//! the ops endpoint nor an error message can show it. Its value is also
+//! handed to `crate::logging::hide`, so that the log writer replaces it
+//! should any library log it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -71,6 +73,7 @@ impl Setting {
         }
         match std::env::var(&e.env) {
             Ok(v) if !v.is_empty() => {
+                crate::logging::hide(&v);
                 e.value = Some(Secret(v));
                 Ok(())
             }

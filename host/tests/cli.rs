@@ -8,6 +8,11 @@
 #[path = "../../tests/src/names.rs"]
 mod names;
 
+// The outbound-HTTP tests' server; these tests use only part of it.
+#[allow(dead_code)]
+#[path = "../../tests/src/http_server.rs"]
+mod http_server;
+
 use names::{broker_url, plugin, unique};
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -163,6 +168,38 @@ fn dlq_purge_needs_yes_and_touches_nothing_without_it() {
         stderr.contains("--yes") && stderr.contains("--dry-run"),
         "{stderr}"
     );
+}
+
+#[test]
+fn dlq_filters_that_would_select_more_than_meant_are_refused() {
+    // Refused while parsing the arguments: no config read, no broker asked.
+    for args in [
+        &["--reason", ""][..],
+        &["--reason", "  "],
+        &["--version", "0"],
+        &["--version", "abc"],
+        &["--version", "xyz1"],
+    ] {
+        for command in [
+            &["dlq", "purge", "--yes"][..],
+            &["dlq", "purge", "--dry-run"],
+            &["dlq", "redrive"],
+            &["dlq", "redrive", "--dry-run"],
+            &["dlq", "show"],
+        ] {
+            let mut all = command.to_vec();
+            all.extend(["--config", "/nonexistent/warren.toml", "--pipeline", "p"]);
+            all.extend(args);
+            let out = warren(&all);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{all:?}: {stderr}");
+            assert!(stderr.contains(args[0]), "{all:?}: {stderr}");
+            assert!(
+                !stderr.contains("nonexistent"),
+                "{all:?} read the config: {stderr}"
+            );
+        }
+    }
 }
 
 fn pipeline_x(extra: &str) -> String {
@@ -440,6 +477,7 @@ fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
     replace_file(&file, &std::fs::read(plugin("tag_a")).unwrap());
     // A debounce far longer than the test: only SIGHUP can make warren look
     // at the new file in time.
+    let queue = unique("sighup");
     let cfg = temp_config(
         "sighup",
         &format!(
@@ -448,7 +486,7 @@ fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
              [[pipeline]]\nname = \"tagger\"\nqueue = {:?}\nqueue_type = \"classic\"\n\
              plugin = {:?}\n",
             broker_url(),
-            unique("sighup"),
+            queue,
             file.display().to_string()
         ),
     );
@@ -474,6 +512,7 @@ fn sighup_rechecks_plugin_files_and_does_not_stop_warren() {
     let status = warren.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", warren.seen.join("\n"));
     warren.wait_for("stopped", Duration::from_secs(1));
+    delete_queues(&queue);
 }
 
 /// A port nothing listens on now.
@@ -778,4 +817,212 @@ fn run_keeps_secrets_out_of_logs_and_the_ops_endpoint() {
         "{log}"
     );
     assert!(!log.contains(&secret), "the secret is in the log:\n{log}");
+    delete_queues(&queue);
+}
+
+/// Publish `body` to `queue` asking for a reply, and return the reply's
+/// body. The reply queue is deleted again.
+fn ask(queue: &str, body: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let replies = format!("{queue}.replies");
+    rt.block_on(async {
+        let conn =
+            lapin::Connection::connect(&broker_url(), lapin::ConnectionProperties::default())
+                .await
+                .expect("connecting to the test broker");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                replies.as_str().into(),
+                lapin::options::QueueDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_reply_to(replies.as_str().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let answer = loop {
+            let got = channel
+                .basic_get(
+                    replies.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap();
+            if let Some(m) = got {
+                break String::from_utf8_lossy(&m.delivery.data).into_owned();
+            }
+            assert!(Instant::now() < deadline, "no reply to {body:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let _ = channel
+            .queue_delete(
+                replies.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+        answer
+    })
+}
+
+/// Delete the queues warren made for a pipeline on `queue` with the default
+/// retry delays (queue, DLQ, every retry tier), and its `.replies` queue.
+fn delete_queues(queue: &str) {
+    let tiers = warren::retry::RetryTiers::new(&warren::retry::RetryConfig::default());
+    let mut names = vec![
+        queue.to_string(),
+        format!("{queue}.dlq"),
+        format!("{queue}.replies"),
+    ];
+    names.extend(
+        tiers
+            .delays_ms()
+            .iter()
+            .map(|ms| warren::retry::tier_queue(queue, *ms)),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn =
+            lapin::Connection::connect(&broker_url(), lapin::ConnectionProperties::default())
+                .await
+                .expect("connecting to the test broker");
+        let channel = conn.create_channel().await.unwrap();
+        for q in names {
+            let _ = channel
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    });
+}
+
+/// A probe pipeline `name` on `queue` allowed to call `server`, with the
+/// secret in `var` as config `token`.
+fn http_config(name: &str, var: &str, queue: &str, server: &http_server::HttpServer) -> PathBuf {
+    temp_config(
+        name,
+        &format!(
+            "[broker]\nurl = {:?}\nreconnect_delay_ms = 100\n[ops]\nlisten = \"\"\n\
+             [[pipeline]]\nname = \"vault\"\nqueue = {queue:?}\nqueue_type = \"classic\"\n\
+             plugin = {:?}\n[pipeline.retry]\nmax_attempts = 1\n\
+             [pipeline.config]\ntoken = {{ env = {var:?} }}\n\
+             [pipeline.http]\nallowed_hosts = [{:?}]\n",
+            broker_url(),
+            plugin("probe").display().to_string(),
+            server.url("http", "")
+        ),
+    )
+}
+
+/// Stop warren and return everything it logged, to the last line.
+fn stop_and_collect(mut warren: Running) -> String {
+    warren.signal("TERM");
+    assert_eq!(warren.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    while let Ok(line) = warren.lines.recv_timeout(Duration::from_secs(5)) {
+        warren.seen.push(line);
+    }
+    warren.seen.join("\n")
+}
+
+#[test]
+fn a_secret_a_plugin_puts_in_a_request_path_is_not_logged_even_at_trace() {
+    let var = "WARREN_CLI_TEST_TRACE_SECRET";
+    let secret = format!("s3cr3t-{}", unique("trace"));
+    let server = http_server::HttpServer::start(|_| http_server::Reply::ok("fine")).unwrap();
+    let queue = unique("secret-trace");
+    let cfg = http_config("secret-trace", var, &queue, &server);
+    // Compiled (and cached) first: a compile logged at trace takes a minute.
+    let out = warren_with(
+        &["check", "--config", cfg.to_str().unwrap()],
+        &[(var, Path::new(&secret))],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // Everything every library logs, wasmtime's WIT-call traces included.
+    let mut warren = Running::start_with(&cfg, &[(var, &secret), ("RUST_LOG", "trace")]);
+    warren.wait_for("consuming pipeline=vault", Duration::from_secs(60));
+
+    let answer = ask(
+        &queue,
+        &format!("http-config token {}", server.url("http", "/ok?t=")),
+    );
+    assert!(answer.contains("\"status\":200"), "{answer}");
+    // The plugin did put the secret in the request line.
+    let paths: Vec<String> = server.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, [format!("/ok?t={secret}")]);
+
+    let log = stop_and_collect(warren);
+    delete_queues(&queue);
+    assert!(log.contains(" TRACE "), "not a trace log:\n{log}");
+    assert!(
+        !log.contains(&secret),
+        "the secret is in the log:\n{}",
+        log.lines()
+            .filter(|l| l.contains(&secret))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn a_response_that_stalls_past_its_timeout_is_logged_with_its_pipeline() {
+    let var = "WARREN_CLI_TEST_STALL_SECRET";
+    let server = http_server::HttpServer::start(|_| http_server::Reply::Stall(1000)).unwrap();
+    let queue = unique("http-stall");
+    // The request's own timeout ends it (not the message's): the plugin gets
+    // an error from the body, and the connection is dropped at that moment.
+    let cfg = http_config("http-stall", var, &queue, &server);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}timeout_ms = 500\n")).unwrap();
+    let mut warren = Running::start_with(
+        &cfg,
+        &[(var, "unused-value"), ("RUST_LOG", "info,warren=debug")],
+    );
+    warren.wait_for("consuming pipeline=vault", Duration::from_secs(60));
+    let answer = ask(
+        &queue,
+        &format!("http GET {}", server.url("http", "/stall")),
+    );
+    assert!(answer.contains("\"error\""), "{answer}");
+    // warren's own line about it names the pipeline.
+    let line = warren.wait_for(
+        "the connection ended before the response did",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("pipeline=vault"), "{line}");
+    let log = stop_and_collect(warren);
+    delete_queues(&queue);
+    // And no line (wasmtime's `dropping error ...` was one) goes without it.
+    for line in log
+        .lines()
+        .filter(|l| l.contains("wasmtime") || l.contains("HTTP"))
+    {
+        assert!(
+            line.contains("pipeline=vault"),
+            "a line without its pipeline: {line}"
+        );
+    }
 }

@@ -144,3 +144,46 @@ async fn the_upper_ends_of_the_ranges_are_served() -> anyhow::Result<()> {
     warren.shutdown().await;
     Ok(())
 }
+
+/// Why this pipeline's configuration is refused (`extra` goes inside it).
+fn config_error(extra: &str) -> String {
+    config(&format!(
+        "[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\n{extra}\n"
+    ))
+    .map(|_| ())
+    .map_err(|e| format!("{e:#}"))
+    .expect_err(&format!("accepted: {extra}"))
+}
+
+#[test]
+fn a_rate_limit_is_parsed_strictly() {
+    for bad in [" 5/s", "5/s ", "+5/s", "05/s", "5/ s", "5 /s", "5/S"] {
+        let err = config_error(&format!("rate_limit = {bad:?}"));
+        assert!(
+            err.contains("pipeline \"x\"") && err.contains(&format!("rate_limit {bad:?}")),
+            "{bad:?}: {err}"
+        );
+    }
+    for good in ["5/s", "10/min", "3600/h"] {
+        config(&format!(
+            "[[pipeline]]\nname = \"x\"\nqueue = \"q\"\nplugin = \"p.wasm\"\nrate_limit = {good:?}\n"
+        ))
+        .unwrap_or_else(|e| panic!("{good:?} refused: {e:#}"));
+    }
+}
+
+#[test]
+fn http_rule_ports_with_a_sign_or_leading_zero_are_refused() {
+    for bad in [
+        "http://127.0.0.1:+6310",
+        "http://127.0.0.1:06310",
+        "https://[::1]:+443",
+        "https://example.com:0443",
+    ] {
+        let err = config_error(&format!("[pipeline.http]\nallowed_hosts = [{bad:?}]"));
+        assert!(
+            err.contains("http.allowed_hosts") && err.contains("1 to 65535"),
+            "{bad:?}: {err}"
+        );
+    }
+}

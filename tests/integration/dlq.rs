@@ -297,6 +297,85 @@ async fn purge_removes_only_the_selected_messages_and_keeps_the_rest_in_order() 
 }
 
 #[tokio::test]
+async fn an_empty_reason_or_a_short_version_is_refused_and_touches_nothing() -> anyhow::Result<()> {
+    let (config, q) = parked("classic", &BODIES).await?;
+    let p = &config.pipelines[0];
+    let before = bodies(&config).await?;
+    // What an unset shell variable (`--reason "$R"`) or a typo gives.
+    let refused = [
+        (Some(""), None),
+        (Some(" "), None),
+        (Some("\t \n"), None),
+        (None, Some("0")),
+        (None, Some("abc")),
+        (None, Some("not-hex!")),
+        (None, Some("ABCD")),
+    ];
+    for (reason, version) in refused {
+        let selection = Selection {
+            reason: reason.map(str::to_string),
+            version: version.map(str::to_string),
+            ..Selection::default()
+        };
+        for dry_run in [true, false] {
+            let how = Purge {
+                selection: selection.clone(),
+                limit: dlq::DEFAULT_LIMIT,
+                dry_run,
+            };
+            let mut lines = Vec::new();
+            let err = dlq::purge(&config.broker, p, &how, &mut |l| lines.push(l.to_string()))
+                .await
+                .expect_err("a selection that selects more than meant was accepted");
+            let what = if reason.is_some() {
+                "--reason"
+            } else {
+                "--version"
+            };
+            assert!(format!("{err:#}").contains(what), "{err:#}");
+            assert!(lines.is_empty(), "{lines:?}");
+            let how = Redrive {
+                selection: selection.clone(),
+                limit: dlq::DEFAULT_LIMIT,
+                dry_run,
+                to_queue: None,
+            };
+            assert!(
+                dlq::redrive(&config.broker, p, &how, &mut |_| {})
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(
+            dlq::read(&config.broker, p, dlq::DEFAULT_LIMIT, &selection)
+                .await
+                .is_err()
+        );
+    }
+    assert_eq!(
+        bodies(&config).await?,
+        before,
+        "a refused command moved something"
+    );
+    let client = Client::connect().await?;
+    assert_eq!(client.depth(&q).await?, 0, "a refused redrive published");
+
+    // Four hex digits of the digest are enough, and select by digest.
+    let digest = warren::plugins::digest_of(&std::fs::read(&p.plugin)?);
+    let how = Purge {
+        selection: Selection {
+            version: Some(digest[..4].to_string()),
+            ..Selection::default()
+        },
+        limit: dlq::DEFAULT_LIMIT,
+        dry_run: true,
+    };
+    let r = dlq::purge(&config.broker, p, &how, &mut |_| {}).await?;
+    assert_eq!((r.read, r.removed), (5, 5));
+    Ok(())
+}
+
+#[tokio::test]
 async fn after_a_fix_is_deployed_only_what_the_old_version_parked_is_redriven() -> anyhow::Result<()>
 {
     let q = unique("dlq-fix");

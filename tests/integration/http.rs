@@ -344,6 +344,99 @@ async fn a_wildcard_rule_reaches_subdomains_pinned_with_resolve() -> anyhow::Res
     Ok(())
 }
 
+#[tokio::test]
+async fn a_message_holds_no_more_requests_open_than_its_cap() -> anyhow::Result<()> {
+    let server = HttpServer::start(|_| Reply::ok("x"))?;
+    let q = unique("http-burst");
+    let warren = start(config(&probe_with_http(
+        "http-burst",
+        &q,
+        "",
+        &format!(
+            "allowed_hosts = [{:?}]\nmax_requests_per_message = 100\n\
+             max_concurrent_requests_per_message = 3",
+            server.url("http", "")
+        ),
+    ))?)
+    .await?;
+    let m = warren.metrics().pipeline("http-burst").expect("metrics");
+    let mut rpc = RpcClient::connect().await?;
+    // 20 requests started before any response is looked at: the first 3
+    // are open until the plugin drops their responses, so the other 17 are
+    // denied, and only 3 connections are ever made.
+    let v = ask(
+        &mut rpc,
+        &q,
+        &format!("http-burst 20 {}", server.url("http", "/burst")),
+    )
+    .await?;
+    assert_eq!(
+        (&v["ok"], &v["denied"], &v["other"]),
+        (&3.into(), &17.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(server.accepted(), 3);
+    assert_eq!(m.http.denied_count(), 17);
+    // One after the other, each request's slot is free again once its
+    // response body is read: a cap of 3 does not limit sequential requests.
+    let v = ask(
+        &mut rpc,
+        &q,
+        &format!("http-n 10 {}", server.url("http", "/seq")),
+    )
+    .await?;
+    assert_eq!(
+        (&v["status"], &v["requests"]),
+        (&200.into(), &10.into()),
+        "{v}"
+    );
+    warren.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn denied_requests_count_toward_the_message_budget() -> anyhow::Result<()> {
+    let server = HttpServer::start(|_| Reply::ok("x"))?;
+    let other = HttpServer::start(|_| Reply::ok("must not be reached"))?;
+    let q = unique("http-budget");
+    let warren = start(config(&probe_with_http(
+        "http-budget",
+        &q,
+        "",
+        &format!(
+            "allowed_hosts = [{:?}]\nmax_requests_per_message = 3",
+            server.url("http", "")
+        ),
+    ))?)
+    .await?;
+    let mut rpc = RpcClient::connect().await?;
+    let denied = other.url("http", "/");
+    let allowed = server.url("http", "/ok");
+    // Three denied requests use the budget of three: the fourth, to an
+    // allowed host, is denied too.
+    let v = ask(
+        &mut rpc,
+        &q,
+        &format!("http-each {denied} {denied} {denied} {allowed}"),
+    )
+    .await?;
+    assert_eq!(
+        v,
+        serde_json::json!(["denied", "denied", "denied", "denied"])
+    );
+    assert_eq!(server.accepted() + other.accepted(), 0);
+    // The budget is per message.
+    let v = ask(
+        &mut rpc,
+        &q,
+        &format!("http-each {denied} {allowed} {allowed}"),
+    )
+    .await?;
+    assert_eq!(v, serde_json::json!(["denied", 200, 200]));
+    warren.shutdown().await;
+    Ok(())
+}
+
 #[test]
 fn bad_http_settings_are_refused_naming_the_field() {
     let q = unique("http-bad");
@@ -364,6 +457,16 @@ fn bad_http_settings_are_refused_naming_the_field() {
             "max_requests_per_message = 0",
             "http.max_requests_per_message",
         ),
+        (
+            "max_concurrent_requests_per_message = 0",
+            "http.max_concurrent_requests_per_message",
+        ),
+        (
+            "max_concurrent_requests_per_message = 257",
+            "http.max_concurrent_requests_per_message",
+        ),
+        ("allowed_hosts = [\"http://127.0.0.1:+6310\"]", "1 to 65535"),
+        ("allowed_hosts = [\"http://127.0.0.1:06310\"]", "1 to 65535"),
         ("ca_file = \"/nonexistent/ca.pem\"", "http.ca_file"),
         (
             "resolve = { \"*.example.com\" = [\"10.0.0.1\"] }",

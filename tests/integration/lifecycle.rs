@@ -139,3 +139,56 @@ async fn shutdown_after_a_drain_does_not_wait_out_the_grace() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// What a test leaves on the test broker: nothing. The queues warren made for
+/// a quorum pipeline (queue, DLQ, every retry tier) and the test's own are
+/// deleted when the test's thread ends, as libtest ends every test.
+#[test]
+fn a_tests_queues_are_deleted_when_the_test_ends() -> anyhow::Result<()> {
+    let q = unique("cleanup");
+    let collect = unique("cleanup-collect");
+    let extra = format!("queue_type = \"quorum\"\n{}", crate::FAST_RETRY);
+    let cfg = config(&pipeline("cleanup", &q, "probe", &extra))?;
+    let tiers: Vec<String> = warren::retry::RetryTiers::new(&cfg.pipelines[0].retry)
+        .delays_ms()
+        .iter()
+        .map(|ms| warren::retry::tier_queue(&q, *ms))
+        .collect();
+    let mut made = vec![q.clone(), format!("{q}.dlq"), collect.clone()];
+    made.extend(tiers);
+    // A test of its own, on a thread of its own, as libtest runs it.
+    let names = made.clone();
+    std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let warren = start(cfg).await?;
+            let client = Client::connect().await?;
+            client.declare_queue(&collect).await?;
+            client.send(&q, b"dead-letter parked").await?;
+            client.take_one(&format!("{q}.dlq"), WAIT).await?;
+            warren.shutdown().await;
+            for name in &names {
+                client.depth(name).await?;
+            }
+            anyhow::Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the inner test panicked"))??;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = Client::connect().await?;
+        for name in &made {
+            anyhow::ensure!(
+                client.depth(name).await.is_err(),
+                "{name} is still on the broker"
+            );
+        }
+        anyhow::Ok(())
+    })
+}

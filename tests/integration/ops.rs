@@ -26,6 +26,7 @@ async fn with_ops_on(url: &str) -> anyhow::Result<(warren::Running, String)> {
         pipeline("ops", &q, "noop", "")
     );
     let config = warren::config::Config::parse(&text, std::path::Path::new("."))?;
+    warren_tests::track_config(&config);
     let warren = warren::start(config).await?;
     let addr = warren.ops_addr().context("no ops address")?;
     anyhow::ensure!(addr.port() != 0, "the bound port is reported, not 0");

@@ -44,6 +44,7 @@ async fn tls_failure(url: &str, broker_toml: &str) -> anyhow::Result<String> {
         &pipeline(&name, &unique("tls-fail"), "noop", ""),
     )?;
     // Broker trouble does not fail the start: warren retries in the background.
+    warren_tests::track_config(&config);
     let warren = warren::start(config).await?;
     let m = warren
         .metrics()

@@ -42,6 +42,10 @@ pub enum Reply {
     /// Read the request, then never answer (the connection stays open until
     /// the server is dropped).
     Hang,
+    /// Answer 200 with a head announcing this many body bytes, send one,
+    /// then send nothing more (the connection stays open until the server is
+    /// dropped): a response that stalls halfway.
+    Stall(usize),
 }
 
 impl Reply {
@@ -189,6 +193,16 @@ fn serve(
             Reply::Hang => {
                 // Keep the connection open, answering nothing, until the
                 // test is over.
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return;
+            }
+            Reply::Stall(len) => {
+                let head = format!("HTTP/1.1 200 X\r\ncontent-length: {len}\r\n\r\nx");
+                let w = reader.get_mut();
+                let _ = w.write_all(head.as_bytes());
+                let _ = w.flush();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(20));
                 }

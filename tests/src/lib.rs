@@ -2,6 +2,9 @@
 //! built plugins are, unique names, starting warren in-process, and a small
 //! AMQP client (publish with confirms, get, consume, RPC) built on lapin.
 //!
+//! Every queue made through these helpers is deleted when its test ends
+//! (see `cleanup`).
+//!
 //! The broker and plugins come from `scripts/test.sh`, which exports
 //! `WARREN_TEST_BROKER_URL`, `WARREN_TEST_TLS_URL`, `WARREN_TEST_TLS_CA` and
 //! `WARREN_PLUGIN_DIR`.
@@ -23,10 +26,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use warren::config::Config;
 
+mod cleanup;
 pub mod http_server;
 mod names;
 pub mod raw;
 
+pub use cleanup::{track, track_config};
 pub use names::{broker_url, plugin, unique};
 
 /// A plugin `scripts/build-plugins.sh` builds only when its toolchain
@@ -99,8 +104,10 @@ pub fn toml_path(p: &std::path::Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-/// Start warren with this config and wait until it consumes.
+/// Start warren with this config and wait until it consumes. Its queues
+/// are deleted when the test ends.
 pub async fn start(config: Config) -> Result<warren::Running> {
+    track_config(&config);
     let running = warren::start(config).await?;
     running.wait_ready(Duration::from_secs(20)).await?;
     Ok(running)
@@ -166,8 +173,10 @@ impl Client {
         .await
     }
 
-    /// Declare a durable classic queue for collecting outputs.
+    /// Declare a durable classic queue for collecting outputs (deleted when
+    /// the test ends).
     pub async fn declare_queue(&self, queue: &str) -> Result<()> {
+        track(queue);
         let opts = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -181,6 +190,7 @@ impl Client {
     /// Declare a durable classic queue as warren declares a pipeline's queue
     /// of `queue_type = "classic"`.
     pub async fn declare_classic(&self, queue: &str) -> Result<()> {
+        track(queue);
         let opts = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()

@@ -53,19 +53,31 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Parse `"50/s"`, `"100/min"`, `"3600/h"`.
+    /// Parse `"50/s"`, `"100/min"`, `"3600/h"`, strictly: decimal digits
+    /// without sign or leading zero, then `/` and the unit, nothing around
+    /// or between them (`" 5/s"`, `"+5/s"`, `"05/s"` and `"5/ s"` are
+    /// refused, so a value means one thing only).
     pub fn parse(text: &str) -> Result<Self> {
-        let Some((count, unit)) = text.trim().split_once('/') else {
-            bail!("rate_limit {text:?} is not of the form N/s, N/min or N/h");
+        let form = "is not of the form N/s, N/min or N/h (digits, no spaces, no sign)";
+        let Some((count, unit)) = text.split_once('/') else {
+            bail!("rate_limit {text:?} {form}");
         };
-        let per = match unit.trim() {
+        let per = match unit {
             "s" => Duration::from_secs(1),
             "min" => Duration::from_secs(60),
             "h" => Duration::from_secs(3600),
+            other if other.trim() != other || other.is_empty() => {
+                bail!("rate_limit {text:?} {form}")
+            }
             other => bail!("rate_limit {text:?}: unknown unit {other:?} (use s, min or h)"),
         };
+        if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+            bail!("rate_limit {text:?}: {count:?} is not a whole number {form}");
+        }
+        if count.len() > 1 && count.starts_with('0') {
+            bail!("rate_limit {text:?}: write the count {count:?} without leading zeros");
+        }
         let count: u64 = count
-            .trim()
             .parse()
             .map_err(|_| anyhow::anyhow!("rate_limit {text:?}: {count:?} is not a whole number"))?;
         if count == 0 || count > MAX_RATE_COUNT {
@@ -274,7 +286,7 @@ mod tests {
     fn parses_the_three_units_and_refuses_the_rest() {
         let r = RateLimit::parse("50/s").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((r.count, r.per), (50, Duration::from_secs(1)));
-        let r = RateLimit::parse(" 100/min ").unwrap_or_else(|e| panic!("{e}"));
+        let r = RateLimit::parse("100/min").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((r.count, r.per), (100, Duration::from_secs(60)));
         let r = RateLimit::parse("3600/h").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.interval_ns(1), SEC);
@@ -288,6 +300,17 @@ mod tests {
             "/s",
             "2000000/s",
             "",
+            " 5/s",
+            "5/s ",
+            "+5/s",
+            "05/s",
+            "00/s",
+            "5/ s",
+            "5 /s",
+            "5/S",
+            "5/s/s",
+            "99999999999999999999999/s",
+            "٥/s",
         ] {
             assert!(RateLimit::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -4,13 +4,18 @@
 //!
 //! The order of checks for one request (all before any connection):
 //! 1. the pipeline grants HTTP at all, and the message has requests left
-//!    (`max_requests_per_message`);
+//!    (`max_requests_per_message`; every request counts, denied ones too, so
+//!    a plugin cannot probe the allow-list without limit);
 //! 2. scheme, host and port match a rule of `allowed_hosts`;
-//! 3. the name is resolved by warren (or taken from the pipeline's `resolve`
+//! 3. fewer than `max_concurrent_requests_per_message` of the message's
+//!    requests are open: a request is open from its start until its response
+//!    body ends, fails or is dropped (or the request fails), so one message
+//!    holds that many sockets at most;
+//! 4. the name is resolved by warren (or taken from the pipeline's `resolve`
 //!    table), and unless the matching rule names the host literally or the
 //!    addresses come from `resolve`, no address it resolves to may be internal
 //!    (loopback, link-local, private, ...: `addr::refused_range`);
-//! 4. warren connects to the addresses it checked, never resolving again.
+//! 5. warren connects to the addresses it checked, never resolving again.
 //!
 //! Every wait is bounded by the request's deadline: `timeout_ms` from its
 //! start, and never past the message's own deadline (`limits.timeout_ms`).
@@ -24,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -42,6 +47,8 @@ const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
 const MAX_RESPONSE_BYTES: u64 = 1 << 30;
 /// Most `max_requests_per_message`.
 const MAX_REQUESTS: u32 = 10_000;
+/// Most `max_concurrent_requests_per_message`: sockets one message may hold.
+const MAX_CONCURRENT: u32 = 256;
 
 /// `[pipeline.http]`: outbound HTTP granted to the pipeline's plugin.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,9 +64,14 @@ pub struct HttpConfig {
     /// Most bytes of one response body; past it the body stream fails.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
-    /// Most requests one message may make; more are denied.
+    /// Most requests one message may make, denied ones included; more are
+    /// denied.
     #[serde(default = "default_max_requests")]
     pub max_requests_per_message: u32,
+    /// Most requests of one message open at the same time; a request started
+    /// while that many are open is denied.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests_per_message: u32,
     /// PEM file of CA certificates trusted for HTTPS besides the system's.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -80,6 +92,9 @@ fn default_max_response_bytes() -> u64 {
 fn default_max_requests() -> u32 {
     16
 }
+fn default_max_concurrent() -> u32 {
+    8
+}
 
 impl HttpConfig {
     /// The checks `warren check` and `warren run` make; errors name the field.
@@ -93,6 +108,13 @@ impl HttpConfig {
         }
         if self.max_requests_per_message == 0 || self.max_requests_per_message > MAX_REQUESTS {
             bail!("http.max_requests_per_message must be between 1 and {MAX_REQUESTS}");
+        }
+        if self.max_concurrent_requests_per_message == 0
+            || self.max_concurrent_requests_per_message > MAX_CONCURRENT
+        {
+            bail!(
+                "http.max_concurrent_requests_per_message must be between 1 and {MAX_CONCURRENT}"
+            );
         }
         if let Some(ca) = &self.ca_file {
             send::tls_config(Some(ca)).context("http.ca_file")?;
@@ -132,6 +154,7 @@ pub struct HttpPolicy {
     timeout: Duration,
     max_response_bytes: u64,
     max_requests: u32,
+    max_concurrent: u32,
     tls: Result<Arc<rustls::ClientConfig>, String>,
     /// `resolve`, normalised: these names are never looked up in DNS.
     pinned: HashMap<String, Vec<IpAddr>>,
@@ -167,6 +190,7 @@ impl HttpPolicy {
             timeout: Duration::from_millis(config.timeout_ms),
             max_response_bytes: config.max_response_bytes,
             max_requests: config.max_requests_per_message,
+            max_concurrent: config.max_concurrent_requests_per_message,
             tls,
             pinned,
             metrics,
@@ -182,6 +206,7 @@ impl HttpPolicy {
             timeout: Duration::ZERO,
             max_response_bytes: 0,
             max_requests: 0,
+            max_concurrent: 0,
             tls: Err("outbound HTTP is not granted".into()),
             pinned: HashMap::new(),
             metrics,
@@ -207,6 +232,35 @@ struct CallShared {
     denial_logged: AtomicBool,
     /// A request was cut by the message's deadline (not its own timeout).
     cut_by_deadline: AtomicBool,
+    /// Requests of this message open now (see [`OpenSlot`]).
+    open: AtomicU32,
+}
+
+/// One open request of a message: taken before the request starts, held by
+/// its response body, and given back when that body ends, fails or is
+/// dropped, or at once when the request fails.
+pub(crate) struct OpenSlot(Arc<CallShared>);
+
+impl OpenSlot {
+    /// A slot, unless `max` requests of the message are open already.
+    fn take(shared: &Arc<CallShared>, max: u32) -> Option<Self> {
+        shared
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n.saturating_add(1))
+            })
+            .ok()
+            .map(|_| Self(shared.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
 }
 
 impl CallHttp {
@@ -325,6 +379,16 @@ impl WasiHttpHooks for CallHttp {
                 "outbound HTTP is not granted to this pipeline (no [pipeline.http])",
             );
         };
+        // Every request counts, whether it is then denied or not: a plugin
+        // looping over denied requests stops at the same budget.
+        if policy.max_requests > 0 && self.requests >= policy.max_requests {
+            let why = format!(
+                "the message made {} requests already (http.max_requests_per_message)",
+                self.requests
+            );
+            return self.deny(request, &shown, "-", &why);
+        }
+        self.requests = self.requests.saturating_add(1);
         let scheme = match uri.scheme_str() {
             Some("http") => Scheme::Http,
             Some("https") => Scheme::Https,
@@ -350,14 +414,14 @@ impl WasiHttpHooks for CallHttp {
             let why = policy.rules.explain_miss(scheme, &host, port);
             return self.deny(request, &shown, "-", &why);
         };
-        if self.requests >= policy.max_requests {
+        let Some(slot) = OpenSlot::take(&self.shared, policy.max_concurrent) else {
             let why = format!(
-                "the message made {} requests already (http.max_requests_per_message)",
-                self.requests
+                "{} requests of the message are open already \
+                 (http.max_concurrent_requests_per_message)",
+                policy.max_concurrent
             );
             return self.deny(request, &shown, &rule.text, &why);
-        }
-        self.requests = self.requests.saturating_add(1);
+        };
         let target = send::Target {
             scheme,
             host,
@@ -379,14 +443,14 @@ impl WasiHttpHooks for CallHttp {
             by_message,
             options,
         };
-        Box::new(send::send(call, target, request))
+        Box::new(send::send(call, slot, target, request))
     }
 
     // The defaults log every failed connection at WARN without saying which
     // pipeline; a plugin could flood the log that way. warren's sender maps
     // its errors itself (send.rs), so these only see hyper's own.
     fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> ErrorCode {
-        tracing::debug!(error = %err, "outbound HTTP: protocol error");
+        tracing::debug!(pipeline = %self.pipeline, error = %err, "outbound HTTP: protocol error");
         if err.is_timeout() {
             ErrorCode::HttpResponseTimeout
         } else if err.is_incomplete_message() {
@@ -397,7 +461,7 @@ impl WasiHttpHooks for CallHttp {
     }
 
     fn p2_error_from_connect(&mut self, err: &std::io::Error) -> ErrorCode {
-        tracing::debug!(error = %err, "outbound HTTP: connection failed");
+        tracing::debug!(pipeline = %self.pipeline, error = %err, "outbound HTTP: connection failed");
         match err.kind() {
             std::io::ErrorKind::TimedOut => ErrorCode::ConnectionTimeout,
             std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
@@ -408,7 +472,7 @@ impl WasiHttpHooks for CallHttp {
     }
 
     fn p2_error_from_tls(&mut self, err: &std::io::Error) -> ErrorCode {
-        tracing::debug!(error = %err, "outbound HTTP: TLS failed");
+        tracing::debug!(pipeline = %self.pipeline, error = %err, "outbound HTTP: TLS failed");
         let certificate = err
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())

@@ -205,11 +205,17 @@ fn split_port(s: &str) -> Result<(&str, Option<u16>)> {
             None => (s, None),
         }
     };
+    // Digits only, without sign or leading zero: `:+6310` and `:06310` are
+    // not how anyone writes port 6310, so they are typos, not that port.
     let port = match port {
         None => None,
         Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => bail!("port {p:?} is not a number from 1 to 65535"),
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) && !p.starts_with('0') => {
+                Some(n)
+            }
+            _ => bail!(
+                "port {p:?} is not a number from 1 to 65535 (digits, no sign or leading zero)"
+            ),
         },
     };
     if host.is_empty() {
@@ -306,6 +312,12 @@ mod tests {
             ("https://example.com:0", "1 to 65535"),
             ("https://example.com:99999", "1 to 65535"),
             ("https://example.com:", "1 to 65535"),
+            ("http://127.0.0.1:+6310", "1 to 65535"),
+            ("http://127.0.0.1:06310", "1 to 65535"),
+            ("http://127.0.0.1:-1", "1 to 65535"),
+            ("http://[::1]:+6310", "1 to 65535"),
+            ("http://[::1]:06310", "1 to 65535"),
+            ("http://127.0.0.1: 6310", "1 to 65535"),
             ("https://:443", "host is missing"),
             ("https://[::1", "closing bracket"),
             ("https://exa mple.com", "not a host name"),

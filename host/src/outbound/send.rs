@@ -24,7 +24,7 @@ use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
 
 use super::addr::refused_range;
 use super::rules::{Host, Rule, Scheme};
-use super::{CallShared, HttpPolicy, SendResult};
+use super::{CallShared, HttpPolicy, OpenSlot, SendResult};
 
 /// Where an allowed request goes, and the rule that allowed it.
 pub(super) struct Target {
@@ -67,13 +67,17 @@ impl Call {
 }
 
 /// The future `WasiHttpHooks::send_request` hands to wasmtime-wasi-http.
+/// `slot` is the request's place among the message's open requests: the
+/// response body holds it, and it is given back with the body, or at once
+/// when the request fails.
 pub(super) async fn send(
     call: Call,
+    slot: OpenSlot,
     target: Target,
     request: http::Request<WasiBody>,
 ) -> SendResult {
     let started = Instant::now();
-    let result = exchange(&call, &target, request).await;
+    let result = exchange(&call, slot, &target, request).await;
     let status = match &result {
         Ok((res, _)) => res.status().as_u16().to_string(),
         // Counted as denied already.
@@ -91,6 +95,7 @@ pub(super) async fn send(
 
 async fn exchange(
     call: &Call,
+    slot: OpenSlot,
     target: &Target,
     mut request: http::Request<WasiBody>,
 ) -> SendResult {
@@ -151,11 +156,26 @@ async fn exchange(
 
     let shared = call.shared.clone();
     let by_message = call.by_message;
+    // How the connection ended is logged here, with the pipeline, and never
+    // handed back: wasmtime-wasi-http would log an error it gets from this
+    // future itself, at WARN and without saying which pipeline (`dropping
+    // error ...`). The plugin learns of it from the response body, which
+    // fails the same way.
+    let pipeline = call.policy.pipeline.clone();
+    let host = target.shown.clone();
     let driver = async move {
-        match tokio::time::timeout_at(deadline, conn).await {
-            Ok(r) => r.map_err(HttpError::from),
-            Err(_) => Err(HttpError::HttpResponseTimeout),
-        }
+        let error = match tokio::time::timeout_at(deadline, conn).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => HttpError::from(e).to_string(),
+            Err(_) => HttpError::HttpResponseTimeout.to_string(),
+        };
+        tracing::debug!(
+            pipeline = %pipeline,
+            host = %crate::logtext::Escaped(&host),
+            error = %error,
+            "outbound HTTP: the connection ended before the response did"
+        );
+        Ok(())
     };
     let between = call.options.and_then(|o| o.between_bytes_timeout);
     let limit = call.policy.max_response_bytes;
@@ -168,6 +188,7 @@ async fn exchange(
             between: between.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             shared,
             by_message,
+            slot: Some(slot),
         }
         .boxed_unsync()
     });
@@ -270,23 +291,25 @@ async fn resolve(call: &Call, target: &Target) -> Result<Vec<SocketAddr>, HttpEr
             .collect());
     }
     let by = call.step_deadline(None);
-    let addrs: Vec<SocketAddr> =
-        match tokio::time::timeout_at(by, tokio::net::lookup_host((name.as_str(), target.port)))
-            .await
-        {
-            Ok(Ok(a)) => a.collect(),
-            Ok(Err(e)) => {
-                tracing::debug!(host = %name, error = %e, "outbound HTTP: name not resolved");
-                return Err(HttpError::DnsError {
-                    rcode: Some(e.to_string()),
-                    info_code: None,
-                });
-            }
-            Err(_) => {
-                call.expired();
-                return Err(HttpError::DnsTimeout);
-            }
-        };
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout_at(
+        by,
+        tokio::net::lookup_host((name.as_str(), target.port)),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => {
+            tracing::debug!(pipeline = %call.policy.pipeline, host = %name, error = %e, "outbound HTTP: name not resolved");
+            return Err(HttpError::DnsError {
+                rcode: Some(e.to_string()),
+                info_code: None,
+            });
+        }
+        Err(_) => {
+            call.expired();
+            return Err(HttpError::DnsTimeout);
+        }
+    };
     if addrs.is_empty() {
         return Err(HttpError::DestinationNotFound);
     }
@@ -335,6 +358,10 @@ struct BoundedBody {
     between: Option<(std::time::Duration, Pin<Box<Sleep>>)>,
     shared: Arc<CallShared>,
     by_message: bool,
+    /// The request's open slot, given back when the body ends or fails
+    /// (before the plugin hears of it, so that its next request finds the
+    /// slot free) or is dropped.
+    slot: Option<OpenSlot>,
 }
 
 impl Body for BoundedBody {
@@ -346,6 +373,33 @@ impl Body for BoundedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         let this = &mut *self;
+        let frame = this.poll_bounded(cx);
+        let done = match &frame {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if done {
+            this.slot = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl BoundedBody {
+    fn poll_bounded(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let this = self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -381,14 +435,6 @@ impl Body for BoundedBody {
                 Poll::Pending
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

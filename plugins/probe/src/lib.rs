@@ -29,6 +29,9 @@
 //! | `sleep <ms>` | keep busy for that long, then ack |
 //! | `outage <ms> <reason>` | `host.report-outage(ms, reason)`, then retry with the reason |
 //! | `http <method> <url> [body]` | one HTTP request; reply with its result as JSON (below) |
+//! | `http-config <key> <url>` | one GET of `<url>` with config value `<key>` appended; reply as `http` |
+//! | `http-each <url>...` | one GET after the other; reply with a JSON array of each one's status or error kind (`"denied"`, ...) |
+//! | `http-burst <n> <url>` | start `n` GETs of an `http://` URL side by side, then wait for each and drop its response; reply `{"ok": k, "denied": d, "other": o}` |
 //! | `http-n <n> <url>` | `n` GET requests, stopping at the first failure; reply as `http` for the last |
 //! | `http-publish <url> <exchange> <routing_key> <id>` | POST `id` to `url`; on 2xx publish `id`, else dead-letter with reason `id` |
 //!
@@ -181,6 +184,41 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
             let ok = u32::from(result.is_ok());
             http_reply(result, ok)
         }
+        "http-config" => {
+            // `http-config <key> <url>`: GET the URL with the value of
+            // config setting <key> appended, as a plugin putting a token in
+            // a query string does.
+            let (key, url) = args.split_once(' ').unwrap_or((args, ""));
+            let value = config(key).ok_or_else(|| format!("no config setting {key:?}"))?;
+            let result = http::get(&format!("{url}{value}")).send();
+            let ok = u32::from(result.is_ok());
+            http_reply(result, ok)
+        }
+        "http-each" => {
+            // `http-each <url> <url> ...`: one GET after the other; reply with
+            // a JSON array of each one's status or error kind.
+            let results: Vec<_> = args
+                .split_whitespace()
+                .map(|url| match http::get(url).send() {
+                    Ok(res) => json!(res.status),
+                    Err(e) => json!(error_kind(&e)),
+                })
+                .collect();
+            RpcReply::new(serde_json::Value::from(results).to_string())
+                .content_type("application/json")
+                .into()
+        }
+        "http-burst" => {
+            // `http-burst <n> <url>`: start n GETs before waiting for any,
+            // then wait for each; reply with how many got a response, were
+            // denied, or failed otherwise.
+            let (n, url) = args.split_once(' ').unwrap_or((args, ""));
+            let n: u32 = number(n)?;
+            let (ok, denied, other) = burst(n, url)?;
+            RpcReply::new(json!({"ok": ok, "denied": denied, "other": other}).to_string())
+                .content_type("application/json")
+                .into()
+        }
         "http-n" => {
             let (n, url) = args.split_once(' ').unwrap_or((args, ""));
             let n: u32 = number(n)?;
@@ -217,6 +255,54 @@ fn run(command: &str, msg: &Message) -> Result<Outcome, String> {
     })
 }
 
+/// Start `n` GETs of `url` side by side, then wait for each in turn and
+/// drop its response: (responses, denied, other failures).
+fn burst(n: u32, url: &str) -> Result<(u32, u32, u32), String> {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{ErrorCode, Fields, OutgoingRequest, Scheme};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("http-burst takes an http:// URL, not {url:?}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let (mut ok, mut denied, mut other) = (0, 0, 0);
+    let mut pending = Vec::new();
+    for _ in 0..n {
+        let req = OutgoingRequest::new(Fields::new());
+        let set = req.set_scheme(Some(&Scheme::Http)).is_ok()
+            && req.set_authority(Some(authority)).is_ok()
+            && req.set_path_with_query(Some(path)).is_ok();
+        if !set {
+            return Err(format!("http-burst: the host refused {url:?}"));
+        }
+        match outgoing_handler::handle(req, None) {
+            Ok(p) => pending.push(p),
+            Err(ErrorCode::HttpRequestDenied) => denied += 1,
+            Err(_) => other += 1,
+        }
+    }
+    for p in pending {
+        p.subscribe().block();
+        match p.get() {
+            Some(Ok(Ok(_response))) => ok += 1,
+            Some(Ok(Err(ErrorCode::HttpRequestDenied))) => denied += 1,
+            _ => other += 1,
+        }
+    }
+    Ok((ok, denied, other))
+}
+
+fn error_kind(e: &http::Error) -> &'static str {
+    match e {
+        http::Error::Denied => "denied",
+        http::Error::Timeout => "timeout",
+        http::Error::TooLarge => "too-large",
+        _ => "other",
+    }
+}
+
 fn http_reply(result: Result<http::Response, http::Error>, ok: u32) -> Outcome {
     let v = match result {
         Ok(res) => {
@@ -229,15 +315,7 @@ fn http_reply(result: Result<http::Response, http::Error>, ok: u32) -> Outcome {
                 "requests": ok,
             })
         }
-        Err(e) => {
-            let kind = match &e {
-                http::Error::Denied => "denied",
-                http::Error::Timeout => "timeout",
-                http::Error::TooLarge => "too-large",
-                _ => "other",
-            };
-            json!({"error": kind, "detail": e.to_string(), "requests": ok})
-        }
+        Err(e) => json!({"error": error_kind(&e), "detail": e.to_string(), "requests": ok}),
     };
     RpcReply::new(v.to_string())
         .content_type("application/json")
