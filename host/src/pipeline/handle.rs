@@ -412,12 +412,19 @@ impl Work {
             return self.replies.publish(pubs, alone, key, p).await;
         }
         // Both: the session's effects and the replies, each where it goes.
-        let (to_lane, to_main): (Vec<(usize, &Publication)>, Vec<(usize, &Publication)>) = pubs
+        let lane: Vec<Publication> = pubs
             .iter()
-            .enumerate()
-            .partition(|(_, p)| Replies::carries(p));
-        let lane: Vec<Publication> = to_lane.iter().map(|(_, p)| (*p).clone()).collect();
-        let main: Vec<Publication> = to_main.iter().map(|(_, p)| (*p).clone()).collect();
+            .filter(|p| Replies::carries(p))
+            .cloned()
+            .collect();
+        // The indexes in `plan.publications` of what the session publishes.
+        let main_at: Vec<usize> = (0..pubs.len())
+            .filter(|&i| pubs.get(i).is_some_and(|p| !Replies::carries(p)))
+            .collect();
+        let main: Vec<Publication> = main_at
+            .iter()
+            .filter_map(|&i| pubs.get(i).cloned())
+            .collect();
         let (main_report, lane_report) = tokio::join!(
             self.publisher.publish_all(&main),
             self.replies.publish(&lane, alone, key, p)
@@ -428,7 +435,7 @@ impl Work {
         report.lost_copies = report
             .lost_copies
             .iter()
-            .filter_map(|&i| to_main.get(i).map(|(orig, _)| *orig))
+            .filter_map(|&i| main_at.get(i).copied())
             .collect();
         Ok(report)
     }
