@@ -76,7 +76,7 @@ pub mod plugins;
 pub mod retry;
 pub mod runtime;
 pub(crate) mod secret;
-pub(crate) mod suspects;
+pub mod suspects;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -24,6 +24,27 @@
 //! are re-run beside the poison message. A neighbour whose own effects were
 //! unconfirmed at the same deaths is charged too; its copy in the DLQ says why.
 //!
+//! Some deaths are nobody's fault, and are charged to no one (each is
+//! counted in `warren_session_deaths_total` by its [`Verdict`]):
+//!
+//! * a death while the broker had blocked the connection (`connection.blocked`,
+//!   a resource alarm): the broker reads nothing from a blocked connection, so
+//!   no effect sent on it can have killed it. Effects wait unconfirmed
+//!   meanwhile, so without this rule every close during an alarm would charge
+//!   a whole prefetch window of innocent messages;
+//! * a close with reply code 320 `CONNECTION_FORCED`: an operator's
+//!   (`rabbitmqctl close_all_connections`, the management UI) or the broker's
+//!   own (a node shutting down), never the answer to something warren sent.
+//!
+//! Direct replies (`amq.rabbitmq.reply-to.*`, the one effect whose address a
+//! producer chooses and the broker may fail to deliver by closing the whole
+//! connection) go out on a connection of their own (`pipeline::replies`), so
+//! that a forged address kills neither the consume session nor its
+//! neighbours' effects. A death of that connection is charged to the reply
+//! at risk only when it was the only one unconfirmed on it; with several at
+//! risk no one is charged, and each request, coming back redelivered, sends
+//! its reply alone on it, so that the next death names its culprit.
+//!
 //! A message is known by a digest of its address, its identifying properties
 //! and its body (the first and last 4 KiB and the length, so that the digest
 //! costs the same for any size). Two identical messages share a count; that
@@ -39,6 +60,10 @@ use foldhash::fast::FixedState as MapHasher;
 use foldhash::quality::RandomState as DigestHasher;
 
 use lapin::message::Delivery;
+
+/// Reply code of a close forced by an operator or the broker (`rabbitmqctl
+/// close_all_connections`, the management UI, a node shutting down).
+pub const CONNECTION_FORCED: u16 = 320;
 
 /// Most messages remembered; past it the ledger starts over. A session dying
 /// with thousands of deliveries in flight is itself the problem to look at.
@@ -184,9 +209,92 @@ impl InFlight {
     }
 }
 
+/// What a death of a connection was charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Charged to the deliveries whose effects (or, after a
+    /// `consumer_timeout`, calls) were at risk.
+    Charged,
+    /// Not charged: the broker had blocked the connection (resource alarm)
+    /// and so read nothing sent on it.
+    Blocked,
+    /// Not charged: closed with `CONNECTION_FORCED` by an operator or the
+    /// broker.
+    Forced,
+    /// Not charged: the reply connection died with several replies at risk;
+    /// each is sent alone next time.
+    Shared,
+}
+
+impl Verdict {
+    /// All values, for the metric.
+    pub const ALL: [Verdict; 4] = [Self::Charged, Self::Blocked, Self::Forced, Self::Shared];
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Charged => "charged",
+            Self::Blocked => "blocked",
+            Self::Forced => "forced_close",
+            Self::Shared => "shared",
+        }
+    }
+
+    /// The verdict on a death: `close_code` is the reply code of the
+    /// broker's close, if known; `blocked` whether the broker had blocked the
+    /// connection when it died; `at_risk` how many deliveries were charged
+    /// with it, and `alone_only` whether only a death with one at risk may be
+    /// charged (the reply connection).
+    pub fn of(close_code: Option<u16>, blocked: bool, at_risk: usize, alone_only: bool) -> Self {
+        if close_code == Some(CONNECTION_FORCED) {
+            Self::Forced
+        } else if blocked {
+            Self::Blocked
+        } else if alone_only && at_risk > 1 {
+            Self::Shared
+        } else {
+            Self::Charged
+        }
+    }
+}
+
+/// The reply code of the broker's close behind `e`, if it is one.
+pub fn close_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+/// The reply code of a broker's close anywhere in `e`'s chain.
+pub fn close_code_in(e: &anyhow::Error) -> Option<u16> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<lapin::Error>())
+        .find_map(close_code)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{InFlight, Ledger};
+    use super::{CONNECTION_FORCED, InFlight, Ledger, Verdict};
+
+    #[test]
+    fn blocked_and_forced_deaths_are_nobodys_and_shared_reply_deaths_too() {
+        // INTERNAL_ERROR, as a forged direct reply-to gets, or no close at all.
+        assert_eq!(Verdict::of(Some(541), false, 3, false), Verdict::Charged);
+        assert_eq!(Verdict::of(None, false, 1, true), Verdict::Charged);
+        assert_eq!(Verdict::of(Some(541), true, 3, false), Verdict::Blocked);
+        assert_eq!(Verdict::of(None, true, 1, true), Verdict::Blocked);
+        assert_eq!(
+            Verdict::of(Some(CONNECTION_FORCED), false, 3, false),
+            Verdict::Forced
+        );
+        assert_eq!(
+            Verdict::of(Some(CONNECTION_FORCED), true, 1, true),
+            Verdict::Forced
+        );
+        assert_eq!(Verdict::of(Some(541), false, 2, true), Verdict::Shared);
+        assert_eq!(Verdict::of(Some(541), false, 2, false), Verdict::Charged);
+    }
 
     #[test]
     fn deaths_are_counted_per_message_until_it_settles() {

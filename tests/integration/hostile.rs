@@ -9,7 +9,10 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use warren::disposition::Disposition;
 use warren::envelope::header_frame_len;
-use warren_tests::{Client, broker_url, config, eventually, header, headers, raw, start, unique};
+use warren::suspects::Verdict;
+use warren_tests::{
+    Client, RpcClient, broker_url, config, eventually, header, headers, raw, start, text, unique,
+};
 
 use crate::{FAST_RETRY, pipeline};
 
@@ -245,6 +248,94 @@ async fn a_message_that_keeps_killing_the_session_is_parked() -> anyhow::Result<
         assert_eq!(client.depth(&q).await?, 0, "{qt}");
         assert_eq!(client.depth(&dlq).await?, 0, "{qt}: exactly one copy");
         warren.shutdown().await;
+    }
+    Ok(())
+}
+
+/// A forged direct reply-to kills only the connection its reply goes out on:
+/// the consume session never reconnects, innocent RPC requests and
+/// publishers beside it are all answered and handled, none is parked, and
+/// the poison message is parked once, counted once.
+#[tokio::test]
+async fn a_forged_reply_to_takes_down_neither_the_session_nor_its_neighbours() -> anyhow::Result<()>
+{
+    let client = Client::connect().await?;
+    let mut rpc = RpcClient::connect().await?;
+    for qt in QUEUE_TYPES {
+        let q = unique(&format!("forged-{qt}"));
+        let name = unique("forged");
+        let (out, dlq) = (format!("{q}.out"), format!("{q}.dlq"));
+        client.declare_queue(&out).await?;
+        // Several workers, so that innocent replies and effects are in
+        // flight beside the forged one.
+        let extra = format!("queue_type = {qt:?}\nconcurrency = 4\nprefetch = 16\n{FAST_RETRY}");
+        let warren = start(config(&pipeline(&name, &q, "probe", &extra))?).await?;
+        let m = warren.metrics().pipeline(&name).expect("pipeline metrics");
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_reply_to(FORGED_REPLY_TO.into());
+        client.publish("", &q, b"reply hi", props).await?;
+        for i in 0..10 {
+            rpc.request(&q, format!("reply ok {i}").as_bytes(), &format!("{q}-{i}"))
+                .await?;
+            client
+                .send(&q, format!("publish - {out} m{i}").as_bytes())
+                .await?;
+        }
+        let d = client.take_one(&dlq, WAIT).await?;
+        let reason = header(&d, "x-warren-reason").unwrap_or_default();
+        assert!(
+            reason.contains("suspected poison message") && reason.contains("died 3 times"),
+            "{qt}: {reason}"
+        );
+        assert_eq!(text(&d), "reply hi", "{qt}: the forged request is parked");
+        // Every innocent request is answered (a reply cut off by the forged
+        // one's death may come twice: at least once).
+        let mut answered = std::collections::HashSet::new();
+        while answered.len() < 10 {
+            let r = rpc.next_reply(WAIT).await?;
+            let id = r
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string());
+            if let Some(id) = id.filter(|id| id.starts_with(&q)) {
+                answered.insert(id);
+            }
+        }
+        eventually(WAIT, || {
+            m.outcome_count(Disposition::Reply) == 10 && m.outcome_count(Disposition::Publish) == 10
+        })
+        .await?;
+        eventually(WAIT, || m.in_flight.load(Ordering::Relaxed) == 0).await?;
+        assert_eq!(client.depth(&q).await?, 0, "{qt}");
+        assert_eq!(
+            client.depth(&dlq).await?,
+            0,
+            "{qt}: only the forged one parked"
+        );
+        assert!(client.depth(&out).await? >= 10, "{qt}");
+        assert_eq!(m.poison_parked.load(Ordering::Relaxed), 1, "{qt}");
+        // The consume session never died: the forged reply took only the
+        // reply connection, each time.
+        assert_eq!(m.reconnects.load(Ordering::Relaxed), 0, "{qt}");
+        assert!(m.session_death_count(Verdict::Charged) >= 1, "{qt}");
+        warren.shutdown().await;
+        delete_queues_of(&q).await?;
+    }
+    Ok(())
+}
+
+/// Delete `queue` and every queue named after it (DLQ, retry tiers, outputs),
+/// so that a long-lived test broker does not keep them.
+async fn delete_queues_of(queue: &str) -> anyhow::Result<()> {
+    let (status, body) = warren_tests::mgmt("GET", "/api/queues/%2f?columns=name").await?;
+    anyhow::ensure!(status == 200, "listing queues: {status} {body}");
+    let all: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+    for name in all.iter().filter_map(|q| q["name"].as_str()) {
+        if name == queue || name.starts_with(&format!("{queue}.")) {
+            warren_tests::mgmt("DELETE", &format!("/api/queues/%2f/{name}")).await?;
+        }
     }
     Ok(())
 }

@@ -210,3 +210,91 @@ async fn a_call_longer_than_the_consumer_timeout_is_parked_not_looped() -> anyho
     tokio::task::spawn_blocking(move || drop(broker)).await?;
     Ok(())
 }
+
+/// Deaths nobody's message caused are charged to no one: with the broker's
+/// memory alarm set, warren's effects wait unconfirmed (the broker reads
+/// nothing from a blocked connection), and every connection is closed by
+/// force four times over. Once the alarm lifts, every message is handled and
+/// none is parked as poison, though the same prefetch window was in flight at
+/// each death.
+#[tokio::test]
+async fn deaths_while_blocked_or_closed_by_force_park_no_innocent_message() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use warren::suspects::Verdict;
+
+    const MESSAGES: usize = 200;
+    let broker = tokio::task::spawn_blocking(|| PrivateBroker::start("", "")).await??;
+    let q = unique("forced");
+    let (out, dlq) = (format!("{q}.out"), format!("{q}.dlq"));
+    let client = Client::connect_to(&broker.url()).await?;
+    client.declare_queue(&out).await?;
+    client.declare_classic(&q).await?;
+    for i in 0..MESSAGES {
+        client
+            .send(&q, format!("publish - {out} m{i}").as_bytes())
+            .await?;
+    }
+    drop(client);
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"])?;
+        anyhow::Ok(broker)
+    })
+    .await??;
+
+    let extra = "queue_type = \"classic\"\nconcurrency = 4\nprefetch = 16\n";
+    let cfg = config_for(&broker.url(), "", &pipeline("forced", &q, "probe", extra))?;
+    let warren = warren_tests::start(cfg).await?;
+    let m = warren
+        .metrics()
+        .pipeline("forced")
+        .expect("pipeline metrics");
+    let mut broker = broker;
+    for round in 0..4 {
+        // Effects of a window of messages wait on the blocked connection.
+        eventually(WAIT, || {
+            m.status.connected.load(Relaxed) && m.status.blocked() && m.in_flight.load(Relaxed) > 0
+        })
+        .await
+        .with_context(|| format!("round {round}: no effects waiting on a blocked connection"))?;
+        let before = m.reconnects.load(Relaxed);
+        broker = tokio::task::spawn_blocking(move || {
+            broker.ctl(&["close_all_connections", "test: closed by force"])?;
+            anyhow::Ok(broker)
+        })
+        .await??;
+        eventually(WAIT, || m.reconnects.load(Relaxed) > before)
+            .await
+            .with_context(|| format!("round {round}: warren did not reconnect"))?;
+    }
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.ctl(&["set_vm_memory_high_watermark", "0.4"])?;
+        anyhow::Ok(broker)
+    })
+    .await??;
+
+    // Each is either handled (its output published) or parked.
+    eventually(Duration::from_secs(120), || {
+        m.outcome_count(Disposition::Publish) + m.outcome_count(Disposition::DeadLetter)
+            >= MESSAGES as u64
+    })
+    .await
+    .context("not every message was settled after the alarm lifted")?;
+    let client = Client::connect_to(&broker.url()).await?;
+    assert_eq!(
+        client.depth(&dlq).await?,
+        0,
+        "innocent messages were parked"
+    );
+    assert_eq!(m.outcome_count(Disposition::DeadLetter), 0);
+    assert_eq!(client.depth(&q).await?, 0);
+    assert_eq!(m.poison_parked.load(Relaxed), 0);
+    assert_eq!(m.session_death_count(Verdict::Charged), 0);
+    assert!(
+        m.session_death_count(Verdict::Forced) + m.session_death_count(Verdict::Blocked) >= 4,
+        "each death with effects at risk is judged"
+    );
+    drop(client);
+    warren.shutdown().await;
+    tokio::task::spawn_blocking(move || drop(broker)).await?;
+    Ok(())
+}

@@ -25,6 +25,7 @@ use crate::disposition::Disposition;
 use crate::downstream::DownstreamMetrics;
 use crate::outbound::HttpMetrics;
 use crate::plugins::{CACHE_SOURCES, PluginStatus};
+use crate::suspects::Verdict;
 
 use super::status::PipelineStatus;
 pub use crate::runtime::FailureKind;
@@ -103,6 +104,9 @@ pub struct PipelineMetrics {
     /// Messages parked as suspected poison (the session died with them in
     /// flight `session_death_limit` times).
     pub poison_parked: AtomicU64,
+    /// Deaths of a broker session (the consume connection or the reply
+    /// connection) with messages at risk, by `suspects::Verdict`.
+    session_deaths: [AtomicU64; 4],
     /// Times a missing queue of the pipeline (its DLQ, a retry tier) was
     /// declared again because a copy could not be routed to it.
     pub topology_repairs: AtomicU64,
@@ -139,6 +143,22 @@ impl PipelineMetrics {
         if let Some(i) = DenyKind::ALL.iter().position(|k| *k == kind) {
             self.denied[i].fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Count a death of a session with messages at risk, by what it was
+    /// charged to.
+    pub fn session_death(&self, v: Verdict) {
+        if let Some(i) = Verdict::ALL.iter().position(|x| *x == v) {
+            self.session_deaths[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Deaths with this verdict so far.
+    pub fn session_death_count(&self, v: Verdict) -> u64 {
+        Verdict::ALL
+            .iter()
+            .position(|x| *x == v)
+            .map_or(0, |i| self.session_deaths[i].load(Ordering::Relaxed))
     }
 
     /// Refusals of this kind so far.
@@ -464,6 +484,23 @@ impl Collector for Scrape {
             |p| one(count(&p.log_dropped)),
         )?;
         self.family(&mut enc, "warren_poison_parked", "Messages parked in the DLQ because the broker session died with them in flight session_death_limit times.", Counter, |p| one(count(&p.poison_parked)))?;
+        self.family(
+            &mut enc,
+            "warren_session_deaths",
+            "Deaths of a broker session (consume or reply connection) with messages at risk, by verdict: charged to them (session_death_limit), or not because the connection was blocked, closed with CONNECTION_FORCED, or a reply connection died with several replies at risk.",
+            Counter,
+            |p| {
+                Verdict::ALL
+                    .iter()
+                    .map(|v| {
+                        (
+                            Some(("verdict", v.label())),
+                            Value::Counter(p.session_death_count(*v)),
+                        )
+                    })
+                    .collect()
+            },
+        )?;
         self.family(
             &mut enc,
             "warren_topology_repairs",

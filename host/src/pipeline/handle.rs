@@ -10,6 +10,7 @@ use tracing::{Instrument, Level, field};
 
 use super::Pipeline;
 use super::parked::Parked;
+use super::replies::Replies;
 use super::work::{InFlight, Job, Work};
 use crate::allow::DenyKind;
 use crate::broker::{self, SettleGuard};
@@ -18,6 +19,7 @@ use crate::envelope::Envelope;
 use crate::logtext::Escaped;
 use crate::plugins::LoadedPlugin;
 use crate::runtime::{Outcome, PluginFailure};
+use crate::suspects;
 
 /// First pause before a delivery whose effects were refused is requeued; it
 /// doubles with each further refusal in a row, up to `REQUEUE_BACKOFF_MAX`.
@@ -28,6 +30,14 @@ const REQUEUE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(super) struct About {
     plugin: Arc<LoadedPlugin>,
     attempt: u32,
+    /// The message's identity for the poison ledger (`suspects::key`).
+    pub(super) key: u64,
+    /// The broker marked the delivery redelivered: a direct reply of its
+    /// goes out alone (see `replies`).
+    pub(super) redelivered: bool,
+    /// It is being parked as a suspected poison message: counted in
+    /// `warren_poison_parked_total` once its DLQ copy is confirmed and acked.
+    pub(super) poison: bool,
 }
 
 /// What a call says about the plugin's downstream service (the breaker's
@@ -87,9 +97,12 @@ impl Work {
             outcome = field::Empty,
         );
         let entered = span.enter();
-        let about = About {
+        let mut about = About {
             plugin: plugin.clone(),
             attempt: env.attempt,
+            key,
+            redelivered,
+            poison: false,
         };
         let stamp = PluginStamp {
             name: plugin.name(),
@@ -120,7 +133,9 @@ impl Work {
                 deaths,
                 "parking a message that keeps killing the broker session"
             );
-            p.metrics.poison_parked.fetch_add(1, Ordering::Relaxed);
+            // Counted when settled: a copy cut off by another death comes
+            // back and is parked again, and must not be counted twice.
+            about.poison = true;
             let plan = disposition::park(&p.info, stamp, &env, delivery.data, reason, at);
             drop(entered);
             return self.settle_plan(plan, tag, settle, in_flight, about, span);
@@ -305,6 +320,8 @@ impl Work {
                 let error = format!("{e:#}");
                 p.metrics.requeued.fetch_add(1, Ordering::Relaxed);
                 if !self.publisher.usable() {
+                    // Its reason decides who the death is charged to.
+                    self.close.record(suspects::close_code_in(&e));
                     message_event!(Level::WARN, p, about, error = %error, "effects not confirmed; requeueing the message");
                     // The session restarts; the broker requeues what is unsettled.
                     self.broken.notify_one();
@@ -343,7 +360,7 @@ impl Work {
             bail!("the publish channel is closed");
         }
         let started = Instant::now();
-        let report = self.publisher.publish_all(&plan.publications).await?;
+        let report = self.publish_split(plan, about).await?;
         p.metrics.observe_confirm(started.elapsed());
         p.metrics
             .published
@@ -381,6 +398,48 @@ impl Work {
         }
         Ok(())
     }
+    /// Publish the plan's direct replies on the reply connection and the rest
+    /// on the session's publish channel; `lost_copies` index
+    /// `plan.publications`.
+    async fn publish_split(&self, plan: &Plan, about: &About) -> Result<broker::PublishReport> {
+        let pubs = &plan.publications;
+        let direct = pubs.iter().filter(|p| Replies::carries(p)).count();
+        if direct == 0 {
+            return self.publisher.publish_all(pubs).await;
+        }
+        let (alone, key, p) = (about.redelivered, about.key, &self.pipeline);
+        if direct == pubs.len() {
+            return self.replies.publish(pubs, alone, key, p).await;
+        }
+        // Both: the session's effects and the replies, each where it goes.
+        let lane: Vec<Publication> = pubs
+            .iter()
+            .filter(|p| Replies::carries(p))
+            .cloned()
+            .collect();
+        // The indexes in `plan.publications` of what the session publishes.
+        let main_at: Vec<usize> = (0..pubs.len())
+            .filter(|&i| pubs.get(i).is_some_and(|p| !Replies::carries(p)))
+            .collect();
+        let main: Vec<Publication> = main_at
+            .iter()
+            .filter_map(|&i| pubs.get(i).cloned())
+            .collect();
+        let (main_report, lane_report) = tokio::join!(
+            self.publisher.publish_all(&main),
+            self.replies.publish(&lane, alone, key, p)
+        );
+        let (mut report, lane_report) = (main_report?, lane_report?);
+        report.published = report.published.saturating_add(lane_report.published);
+        report.unroutable = report.unroutable.saturating_add(lane_report.unroutable);
+        report.lost_copies = report
+            .lost_copies
+            .iter()
+            .filter_map(|&i| main_at.get(i).copied())
+            .collect();
+        Ok(report)
+    }
+
     /// Ack a delivery whose effects are all confirmed: its work is done, so it
     /// is no longer a poison suspect. It is counted (and its deaths are
     /// forgotten) only if the ack can still reach the broker: on
@@ -408,6 +467,9 @@ impl Pipeline {
     /// Record a delivery whose effects are all confirmed (it is acked next).
     pub(super) fn settled(&self, plan: &Plan, about: &About) {
         tracing::Span::current().record("outcome", plan.disposition.label());
+        if about.poison {
+            self.metrics.poison_parked.fetch_add(1, Ordering::Relaxed);
+        }
         if plan.stripped_headers > 0 {
             self.metrics.denied(DenyKind::Header, plan.stripped_headers);
         }

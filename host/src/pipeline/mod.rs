@@ -66,6 +66,7 @@ macro_rules! message_event {
 
 mod handle;
 mod parked;
+mod replies;
 mod steer;
 mod supervisor;
 mod work;

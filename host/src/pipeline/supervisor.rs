@@ -14,11 +14,12 @@ use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 
 use super::Pipeline;
+use super::replies::Replies;
 use super::work::Work;
 use crate::broker::{self, KnownExchanges, Publisher, Settler};
 use crate::config::BrokerConfig;
 use crate::downstream::{self, Phase, RateScope};
-use crate::suspects;
+use crate::suspects::{self, Verdict};
 
 /// Longest pause between reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
@@ -104,10 +105,15 @@ impl Pipeline {
         let (conn, node) = broker::connect_any(endpoint, name).await?;
         let conn = Arc::new(conn);
         self.metrics.status.set_node(Some(&node));
-        let watching = tokio::spawn(watch_connection(conn.events_listener(), self.clone()));
+        let close = Arc::new(CloseNote::default());
+        let watching = tokio::spawn(watch_connection(
+            conn.events_listener(),
+            self.clone(),
+            close.clone(),
+        ));
         let result = self
             .clone()
-            .consume(&conn, grace, &mut stop, consuming_since)
+            .consume(&conn, endpoint, close, grace, &mut stop, consuming_since)
             .await;
         self.metrics
             .status
@@ -132,6 +138,8 @@ impl Pipeline {
     async fn consume(
         self: Arc<Self>,
         conn: &Arc<Connection>,
+        endpoint: &BrokerConfig,
+        close: Arc<CloseNote>,
         grace: Duration,
         stop: &mut watch::Receiver<bool>,
         consuming_since: &mut Option<Instant>,
@@ -195,6 +203,8 @@ impl Pipeline {
             frame_max: conn.configuration().frame_max(),
             channel: channel.clone(),
             suspects: suspects::InFlight::default(),
+            close,
+            replies: Replies::new(endpoint.clone(), name),
             consumer: Mutex::new(consumer),
             queue,
             consumer_tag: Mutex::new(tag),
@@ -242,8 +252,10 @@ impl Pipeline {
             _ = work.ended.notified() => Err(anyhow!(work.end_reason())),
         };
         // The suspects are taken at the moment of death: what finishes later
-        // (on a dead channel) is not what killed it.
-        if let Err(e) = &outcome {
+        // (on a dead channel) is not what killed it. Whether the connection
+        // was blocked is too; they are judged once the session has ended,
+        // when the reason of the broker's close is known.
+        let death = outcome.as_ref().err().map(|e| {
             // A consumer_timeout closes the consume channel and leaves the
             // connection up; the reason reaches the worker either as the
             // consumer's error or, depending on how the close is processed,
@@ -251,12 +263,12 @@ impl Pipeline {
             let text = format!("{e:#}");
             let ack_timeout = (text.contains("PRECONDITION_FAILED") && text.contains("timed out"))
                 || (conn.status().connected() && !channel.status().connected());
-            let suspects = work.suspects.suspects(ack_timeout);
-            if !suspects.is_empty() {
-                tracing::warn!(pipeline = %name, suspects = suspects.len(), "the session died with effects unconfirmed (or a call over the broker's consumer_timeout); each such message is charged one death (see session_death_limit)");
-                self.ledger.record(suspects);
+            Death {
+                suspects: work.suspects.suspects(ack_timeout),
+                blocked: conn.status().blocked(),
+                connection_up: conn.status().connected(),
             }
-        }
+        });
 
         // Stop the flow first, then let what was received settle on this
         // channel: workers handle what the consumer still holds, then exit on
@@ -287,7 +299,104 @@ impl Pipeline {
             work.abandon.store(true, Ordering::Relaxed);
             let _ = tokio::time::timeout(FINAL_FLUSH, &mut settling).await;
         }
+        work.replies.close().await;
+        if let Some(death) = death {
+            self.judge(death, &work.close).await;
+        }
         outcome
+    }
+}
+
+/// What was at risk when a session died.
+struct Death {
+    /// The deliveries whose effects were unconfirmed (or, after a
+    /// `consumer_timeout`, whose calls were running).
+    suspects: Vec<u64>,
+    /// The broker had blocked the connection (a resource alarm).
+    blocked: bool,
+    /// The connection was still up: only a channel died.
+    connection_up: bool,
+}
+
+impl Pipeline {
+    /// Charge a session's death to its suspects, unless it was nobody's
+    /// (see `suspects`): the connection was blocked, or closed by force.
+    async fn judge(&self, death: Death, close: &CloseNote) {
+        if death.suspects.is_empty() {
+            return;
+        }
+        let code = if death.blocked || death.connection_up {
+            close.get()
+        } else {
+            close.wait(CLOSE_TIMEOUT).await
+        };
+        let verdict = Verdict::of(code, death.blocked, death.suspects.len(), false);
+        self.metrics.session_death(verdict);
+        let (name, at_risk) = (&self.info.name, death.suspects.len());
+        match verdict {
+            Verdict::Charged | Verdict::Shared => {
+                tracing::warn!(pipeline = %name, suspects = at_risk, "the session died with effects unconfirmed (or a call over the broker's consumer_timeout); each such message is charged one death (see session_death_limit)");
+                self.ledger.record(death.suspects);
+            }
+            Verdict::Blocked => {
+                tracing::warn!(pipeline = %name, at_risk, "the session died while the broker blocked the connection (resource alarm); nothing it sent was read, so no message is charged");
+            }
+            Verdict::Forced => {
+                tracing::warn!(pipeline = %name, at_risk, "the broker closed the connection by force (CONNECTION_FORCED: an operator or the broker itself); no message is charged");
+            }
+        }
+    }
+}
+
+/// The reply code of the broker's close of a session's connection, noted
+/// by whichever sees it first: the connection's events, the consumer, the
+/// publisher.
+#[derive(Debug, Default)]
+pub(super) struct CloseNote {
+    /// `Some` once the connection's end is known; inside, the close's reply
+    /// code (`None`: it ended without one, e.g. the socket broke).
+    code: Mutex<Option<Option<u16>>>,
+    known: Notify,
+}
+
+impl CloseNote {
+    /// An error on the way carried a reply code of the broker's close.
+    pub(super) fn record(&self, code: Option<u16>) {
+        if code.is_some() {
+            self.end(code);
+        }
+    }
+
+    /// The connection ended, with the broker's reply code if it closed it.
+    fn end(&self, code: Option<u16>) {
+        let mut c = super::lock(&self.code);
+        // A code seen once is kept; an end without one does not erase it.
+        if c.flatten().is_none() {
+            *c = Some(code);
+        }
+        drop(c);
+        self.known.notify_waiters();
+    }
+
+    /// The reply code, if known now.
+    fn get(&self) -> Option<u16> {
+        super::lock(&self.code).flatten()
+    }
+
+    /// The reply code, waiting up to `limit` for the connection's end.
+    async fn wait(&self, limit: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.known.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(code) = *super::lock(&self.code) {
+                return code;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.get();
+            }
+        }
     }
 }
 
@@ -327,7 +436,11 @@ fn jittered(d: Duration, unit: f64) -> Duration {
 
 /// Log and show the broker's notices about the connection: `connection.blocked`
 /// (a resource alarm: the broker stops reading from publishers) and its end.
-async fn watch_connection(events: impl futures_util::Stream<Item = Event>, p: Arc<Pipeline>) {
+async fn watch_connection(
+    events: impl futures_util::Stream<Item = Event>,
+    p: Arc<Pipeline>,
+    close: Arc<CloseNote>,
+) {
     futures_util::pin_mut!(events);
     while let Some(event) = events.next().await {
         match event {
@@ -339,6 +452,9 @@ async fn watch_connection(events: impl futures_util::Stream<Item = Event>, p: Ar
                 tracing::info!(pipeline = %p.info.name, "the broker unblocked the connection");
                 p.metrics.status.set_blocked(None);
             }
+            // The connection's end: its reason decides who a death is
+            // charged to.
+            Event::Error(e) => close.end(suspects::close_code(&e)),
             _ => {}
         }
     }

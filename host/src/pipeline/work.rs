@@ -15,6 +15,8 @@ use lapin::{Channel, Connection, Consumer};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+use super::replies::Replies;
+use super::supervisor::CloseNote;
 use super::{Pipeline, lock};
 use crate::broker::{KnownExchanges, Publisher, SettleGuard, Settler};
 use crate::downstream::{Admission, Phase, Ticket};
@@ -67,6 +69,10 @@ pub(super) struct Work {
     pub(super) channel: Channel,
     /// Deliveries taken and not yet settled on a live channel.
     pub(super) suspects: suspects::InFlight,
+    /// The reply code of the broker's close of the connection, once seen.
+    pub(super) close: Arc<CloseNote>,
+    /// The connection for direct replies (see `replies`).
+    pub(super) replies: Replies,
     /// The session's consumer. The worker holding the lock waits for the next
     /// delivery and hands the lock on as soon as it has one (leader/followers):
     /// the delivery is handled on the thread lapin's I/O thread woke, with no
@@ -189,7 +195,10 @@ impl Work {
             };
             let delivery = match next {
                 Some(Ok(d)) => d,
-                Some(Err(e)) => return self.end(format!("the consumer failed: {e}")),
+                Some(Err(e)) => {
+                    self.close.record(suspects::close_code(&e));
+                    return self.end(format!("the consumer failed: {e}"));
+                }
                 None => {
                     return self.end("the broker cancelled the consumer (queue deleted?)".into());
                 }
