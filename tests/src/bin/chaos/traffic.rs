@@ -494,7 +494,7 @@ pub async fn publish(
             // Stopping wins over a node that takes its time to answer.
             tokio::select! {
                 l = publisher_channel(&urls, &mut next_node) => link = Some(l?),
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stopped(&mut stop) => break,
             }
             stats.reconnects += 1;
         }
@@ -538,7 +538,7 @@ pub async fn publish(
         // reported as never confirmed.
         let confirmed = tokio::select! {
             r = attempt => r.is_ok_and(|r| r.unwrap_or(false)),
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stopped(&mut stop) => break,
         };
         if confirmed {
             ledger.confirmed(this);
@@ -699,7 +699,7 @@ pub async fn collect(
         reconnects += 1;
         let conn = tokio::select! {
             c = connect(&urls, &mut next_node, "collector", Duration::from_secs(600)) => c?,
-            _ = stop.wait_for(|s| *s) => return Ok(reconnects),
+            _ = stopped(&mut stop) => return Ok(reconnects),
         };
         tokio::select! {
             r = collect_session(&conn, &places, &ledger) => {
@@ -708,10 +708,16 @@ pub async fn collect(
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            _ = stop.wait_for(|s| *s) => {}
+            _ = stopped(&mut stop) => {}
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "done".into())).await;
     }
+}
+
+/// Resolves once `stop` is true (at once if it already is). A unit future, so
+/// that no `watch::Ref` is held across the other branch's awaits.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Progress notes go to stderr with a timestamp; the table goes to stdout.
