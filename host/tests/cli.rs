@@ -720,72 +720,17 @@ fn run_keeps_secrets_out_of_logs_and_the_ops_endpoint() {
         Running::start_with(&cfg, &[(var, &secret), ("RUST_LOG", "info,warren=debug")]);
     warren.wait_for("consuming pipeline=vault", Duration::from_secs(60));
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let replies = format!("{queue}.replies");
-    let answer = rt.block_on(async {
-        let conn =
-            lapin::Connection::connect(&broker_url(), lapin::ConnectionProperties::default())
-                .await
-                .expect("connecting to the test broker");
-        let channel = conn.create_channel().await.unwrap();
-        channel
-            .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        channel
-            .queue_declare(
-                replies.as_str().into(),
-                lapin::options::QueueDeclareOptions::default(),
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        // The plugin reads the secret (and answers with it, as a plugin may);
-        // the other messages fail in every way warren logs.
-        let messages: [(&[u8], Option<&str>); 4] = [
-            (b"config token", Some(replies.as_str())),
-            (b"config token", None),
-            (b"trap", None),
-            (b"retry again", None),
-        ];
-        for (body, reply_to) in messages {
-            let mut props = lapin::BasicProperties::default();
-            if let Some(r) = reply_to {
-                props = props.with_reply_to(r.into());
-            }
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    lapin::options::BasicPublishOptions::default(),
-                    body,
-                    props,
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            assert!(confirm.is_ack());
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let got = channel
-                .basic_get(
-                    replies.as_str().into(),
-                    lapin::options::BasicGetOptions { no_ack: true },
-                )
-                .await
-                .unwrap();
-            if let Some(m) = got {
-                break String::from_utf8_lossy(&m.delivery.data).into_owned();
-            }
-            assert!(Instant::now() < deadline, "no reply from the plugin");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    // The plugin reads the secret (and answers with it, as a plugin may);
+    // the other messages fail in every way warren logs.
+    let answer = publish(
+        &queue,
+        &[
+            ("config token", true),
+            ("config token", false),
+            ("trap", false),
+            ("retry again", false),
+        ],
+    );
     assert_eq!(answer, secret, "the plugin gets the secret's value");
 
     // All four settled: one reply, three dead letters.
@@ -823,6 +768,13 @@ fn run_keeps_secrets_out_of_logs_and_the_ops_endpoint() {
 /// Publish `body` to `queue` asking for a reply, and return the reply's
 /// body. The reply queue is deleted again.
 fn ask(queue: &str, body: &str) -> String {
+    publish(queue, &[(body, true)])
+}
+
+/// Publish `messages` to `queue` in order, with confirms, each asking for a
+/// reply to `<queue>.replies` when its flag says so; return the first reply's
+/// body (empty when none was asked for). The reply queue is deleted again.
+fn publish(queue: &str, messages: &[(&str, bool)]) -> String {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -846,34 +798,43 @@ fn ask(queue: &str, body: &str) -> String {
             )
             .await
             .unwrap();
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                lapin::options::BasicPublishOptions::default(),
-                body.as_bytes(),
-                lapin::BasicProperties::default().with_reply_to(replies.as_str().into()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let answer = loop {
-            let got = channel
-                .basic_get(
-                    replies.as_str().into(),
-                    lapin::options::BasicGetOptions { no_ack: true },
+        for (body, reply) in messages {
+            let mut props = lapin::BasicProperties::default();
+            if *reply {
+                props = props.with_reply_to(replies.as_str().into());
+            }
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    props,
                 )
                 .await
+                .unwrap()
+                .await
                 .unwrap();
-            if let Some(m) = got {
-                break String::from_utf8_lossy(&m.delivery.data).into_owned();
-            }
-            assert!(Instant::now() < deadline, "no reply to {body:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+            assert!(confirm.is_ack());
+        }
+        let mut answer = String::new();
+        if messages.iter().any(|(_, reply)| *reply) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            answer = loop {
+                let got = channel
+                    .basic_get(
+                        replies.as_str().into(),
+                        lapin::options::BasicGetOptions { no_ack: true },
+                    )
+                    .await
+                    .unwrap();
+                if let Some(m) = got {
+                    break String::from_utf8_lossy(&m.delivery.data).into_owned();
+                }
+                assert!(Instant::now() < deadline, "no reply to {messages:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+        }
         let _ = channel
             .queue_delete(
                 replies.as_str().into(),
