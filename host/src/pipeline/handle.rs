@@ -214,16 +214,15 @@ impl Work {
         span: tracing::Span,
     ) {
         if plan.publications.is_empty() {
-            self.ack(plan, about, tag, settle, span);
-            drop(in_flight);
+            self.ack(plan, about, tag, (settle, in_flight), span);
             return;
         }
         self.suspects.publishing(tag);
         let work = self.clone();
         let task = Box::pin(
             async move {
-                work.publish_and_settle(plan, tag, settle, about).await;
-                drop(in_flight);
+                work.publish_and_settle(plan, tag, (settle, in_flight), about)
+                    .await;
             }
             .instrument(span.clone()),
         );
@@ -302,7 +301,7 @@ impl Work {
         self: &Arc<Self>,
         plan: Plan,
         tag: u64,
-        settle: SettleGuard,
+        (settle, in_flight): (SettleGuard, InFlight),
         about: About,
     ) {
         let p = &self.pipeline;
@@ -313,7 +312,7 @@ impl Work {
                     p.metrics.status.set_effect_error(None);
                 }
                 let span = tracing::Span::current();
-                self.ack(plan, about, tag, settle, span);
+                self.ack(plan, about, tag, (settle, in_flight), span);
             }
             Err(e) => {
                 tracing::Span::current().record("outcome", "requeue");
@@ -447,12 +446,13 @@ impl Work {
     /// `consumer_timeout`, a dead connection) is dropped and the message
     /// comes back, so counting it would count it twice. The channel can look
     /// open here and be closed already: its close may still be on its way.
+    /// It stays in `warren_in_flight` until then.
     pub(super) fn ack(
         self: &Arc<Self>,
         plan: Plan,
         about: About,
         tag: u64,
-        settle: SettleGuard,
+        (settle, in_flight): (SettleGuard, InFlight),
         span: tracing::Span,
     ) {
         // Only its ack is left: until it is known to be taken, the delivery
@@ -468,6 +468,7 @@ impl Work {
                 work.pipeline.ledger.forget(key);
             }
             work.pipeline.settled(&plan, &about);
+            drop(in_flight);
         }));
     }
 }
