@@ -19,14 +19,25 @@
 //! Batching follows the load: the settler takes every report that is ready,
 //! then acts, so a quiet pipeline acks each message immediately and a busy one
 //! acks hundreds with one frame.
+//!
+//! An ack has no answer, and one sent after the broker closed the channel
+//! (a `consumer_timeout`, say) is dropped without a word: the message comes
+//! back. Until the channel's close reaches the client it still looks open, so
+//! an ack can look delivered and not be. What is to happen once an ack has
+//! taken effect (counting the message, clearing it as a poison suspect) is
+//! therefore done only when a round trip on the same channel, sent after the
+//! acks, comes back: the broker handles a channel's frames in order, so it
+//! read those acks on an open channel. If the channel closes first, it is
+//! dropped, as the broker redelivers the message.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -45,7 +56,15 @@ pub enum Verdict {
     Requeue,
 }
 
-type Report = (u64, Verdict);
+/// What to do once a delivery's ack has surely taken effect.
+pub type Acked = Box<dyn FnOnce() + Send>;
+
+type Report = (u64, Verdict, Option<Acked>);
+
+/// The exchange a round trip after the acks declares, passively: every vhost
+/// has it and it cannot be deleted, so the declare changes nothing and never
+/// fails on an open channel.
+const PROBE_EXCHANGE: &str = "amq.direct";
 
 /// Handle to a channel's settler. Dropping every handle and guard lets the
 /// settler flush what is left and stop.
@@ -88,27 +107,33 @@ pub struct SettleGuard {
 impl SettleGuard {
     /// Ack the delivery (its effects are confirmed).
     pub fn ack(mut self) {
-        self.send(Verdict::Ack);
+        self.send(Verdict::Ack, None);
+    }
+
+    /// Ack the delivery, and run `acked` once the broker has surely taken the
+    /// ack on an open channel; never, if the channel closes first.
+    pub fn ack_then(mut self, acked: Acked) {
+        self.send(Verdict::Ack, Some(acked));
     }
 
     /// Nack the delivery with requeue.
     pub fn requeue(mut self) {
-        self.send(Verdict::Requeue);
+        self.send(Verdict::Requeue, None);
     }
 
-    fn send(&mut self, v: Verdict) {
+    fn send(&mut self, v: Verdict, acked: Option<Acked>) {
         if let Some(tx) = self.tx.take() {
             // The settler only stops once every guard is gone, so this cannot
             // fail while we hold one; if it ever did, the delivery would stay
             // unacked and return to the queue with the channel.
-            let _ = tx.send((self.tag, v));
+            let _ = tx.send((self.tag, v, acked));
         }
     }
 }
 
 impl Drop for SettleGuard {
     fn drop(&mut self) {
-        self.send(Verdict::Requeue);
+        self.send(Verdict::Requeue, None);
     }
 }
 
@@ -121,15 +146,19 @@ async fn run(
     let mut book = Book::default();
     let mut open = true;
     let mut broken = false;
+    // What to run once the acks of these tags have surely taken effect.
+    let mut pending: Vec<(u64, Acked)> = Vec::new();
     while open || book.waiting() > 0 {
         let mut nacks = Vec::new();
         let wake = book.hold_deadline(HOLD);
         tokio::select! {
             report = rx.recv(), if open => match report {
-                Some((tag, v)) => {
+                Some((tag, v, acked)) => {
                     book.record(tag, v, &mut nacks);
-                    while let Ok((tag, v)) = rx.try_recv() {
+                    pending.extend(acked.map(|a| (tag, a)));
+                    while let Ok((tag, v, acked)) = rx.try_recv() {
                         book.record(tag, v, &mut nacks);
+                        pending.extend(acked.map(|a| (tag, a)));
                     }
                 }
                 None => open = false,
@@ -142,6 +171,7 @@ async fn run(
         let plan = book.plan(Instant::now(), hold);
         if broken {
             // The channel is gone; the broker requeues everything unacked.
+            pending.clear();
             continue;
         }
         let requeue = BasicNackOptions {
@@ -159,7 +189,7 @@ async fn run(
                     .await,
             );
         }
-        for tag in plan.singles {
+        for &tag in &plan.singles {
             sent.push(
                 channel
                     .basic_ack(tag, BasicAckOptions { multiple: false })
@@ -168,10 +198,48 @@ async fn run(
         }
         if let Some(Err(e)) = sent.into_iter().find(Result::is_err) {
             broken = true;
+            pending.clear();
             failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(pipeline = %pipeline, error = %e, "could not settle deliveries; the broker will redeliver them");
+            continue;
+        }
+        // Those whose acks went out this round: below the watermark, or acked
+        // alone.
+        let (sent_now, later): (Vec<_>, Vec<_>) = pending
+            .drain(..)
+            .partition(|(t, _)| *t < book.watermark() || plan.singles.binary_search(t).is_ok());
+        pending = later;
+        if sent_now.is_empty() {
+            continue;
+        }
+        if let Err(e) = round_trip(&channel).await {
+            // Closed before the broker answered: the acks may have been
+            // dropped with it, and the broker redelivers what they named.
+            broken = true;
+            pending.clear();
+            tracing::debug!(pipeline = %pipeline, error = %e, "the consume channel closed before its acks were known to be taken");
+            continue;
+        }
+        for (_, acked) in sent_now {
+            acked();
         }
     }
+}
+
+/// A request on `channel` that the broker answers only after it has handled
+/// every frame sent on it before.
+async fn round_trip(channel: &Channel) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            PROBE_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 fn far_future() -> Instant {
@@ -249,6 +317,11 @@ impl Book {
                 nacks.push(tag);
             }
         }
+    }
+
+    /// The lowest tag not settled: every tag below is acked or requeued.
+    pub(crate) fn watermark(&self) -> u64 {
+        self.watermark
     }
 
     /// Ready tags waiting above an unsettled one.

@@ -214,17 +214,15 @@ impl Work {
         span: tracing::Span,
     ) {
         if plan.publications.is_empty() {
-            let _entered = span.enter();
-            self.ack(&plan, &about, tag, settle);
-            drop(in_flight);
+            self.ack(plan, about, tag, (settle, in_flight), span);
             return;
         }
         self.suspects.publishing(tag);
         let work = self.clone();
         let task = Box::pin(
             async move {
-                work.publish_and_settle(plan, tag, settle, &about).await;
-                drop(in_flight);
+                work.publish_and_settle(plan, tag, (settle, in_flight), about)
+                    .await;
             }
             .instrument(span.clone()),
         );
@@ -300,20 +298,21 @@ impl Work {
 
     /// Publish the plan's effects; ack once all are confirmed, else requeue.
     pub(super) async fn publish_and_settle(
-        &self,
+        self: &Arc<Self>,
         plan: Plan,
         tag: u64,
-        settle: SettleGuard,
-        about: &About,
+        (settle, in_flight): (SettleGuard, InFlight),
+        about: About,
     ) {
         let p = &self.pipeline;
-        match self.publish(&plan, about).await {
+        match self.publish(&plan, &about).await {
             Ok(()) => {
                 if p.requeue_streak.load(Ordering::Relaxed) != 0 {
                     p.requeue_streak.store(0, Ordering::Relaxed);
                     p.metrics.status.set_effect_error(None);
                 }
-                self.ack(&plan, about, tag, settle);
+                let span = tracing::Span::current();
+                self.ack(plan, about, tag, (settle, in_flight), span);
             }
             Err(e) => {
                 tracing::Span::current().record("outcome", "requeue");
@@ -440,26 +439,37 @@ impl Work {
         Ok(report)
     }
 
-    /// Ack a delivery whose effects are all confirmed: its work is done, so it
-    /// is no longer a poison suspect. It is counted (and its deaths are
-    /// forgotten) only if the ack can still reach the broker: on
-    /// a channel the broker has closed (a `consumer_timeout`, a dead
-    /// connection) the message comes back, and counting it would count it
-    /// twice.
-    pub(super) fn ack(&self, plan: &Plan, about: &About, tag: u64, settle: SettleGuard) {
-        settle.ack();
-        if !self.channel.status().connected() {
-            // A worker busy with a long call only sees the channel's end when
-            // it comes back for the next delivery, after this: the delivery
-            // must still be in flight then, for a consumer_timeout to charge it.
-            self.suspects.unacked(tag);
-            tracing::debug!(pipeline = %self.pipeline.info.name, "acked on a closed channel; the broker redelivers it");
-            return;
-        }
-        if let Some(key) = self.suspects.settled(tag) {
-            self.pipeline.ledger.forget(key);
-        }
-        self.pipeline.settled(plan, about);
+    /// Ack a delivery whose effects are all confirmed. It is counted, and
+    /// is no longer a poison suspect (its deaths are forgotten), only once
+    /// the broker has surely taken the ack on an open channel (see
+    /// `broker::settle`): an ack sent after the broker closed the channel (a
+    /// `consumer_timeout`, a dead connection) is dropped and the message
+    /// comes back, so counting it would count it twice. The channel can look
+    /// open here and be closed already: its close may still be on its way.
+    /// It stays in `warren_in_flight` until then.
+    pub(super) fn ack(
+        self: &Arc<Self>,
+        plan: Plan,
+        about: About,
+        tag: u64,
+        (settle, in_flight): (SettleGuard, InFlight),
+        span: tracing::Span,
+    ) {
+        // Only its ack is left: until it is known to be taken, the delivery
+        // stays in flight as a call, which a consumer_timeout (the broker
+        // closing the channel over a call that ran too long) charges and any
+        // other death does not. A worker busy with a long call only sees the
+        // channel's end when it comes back for the next delivery, after this.
+        self.suspects.unacked(tag);
+        let work = self.clone();
+        settle.ack_then(Box::new(move || {
+            let _entered = span.enter();
+            if let Some(key) = work.suspects.settled(tag) {
+                work.pipeline.ledger.forget(key);
+            }
+            work.pipeline.settled(&plan, &about);
+            drop(in_flight);
+        }));
     }
 }
 
