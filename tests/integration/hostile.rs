@@ -240,6 +240,9 @@ async fn a_message_that_keeps_killing_the_session_is_parked() -> anyhow::Result<
             reason.contains("suspected poison message") && reason.contains("died 3 times"),
             "{qt}: {reason}"
         );
+        // Counted once the original's ack is known to be taken, which
+        // follows the DLQ copy's confirm.
+        eventually(WAIT, || m.poison_parked.load(Ordering::Relaxed) >= 1).await?;
         assert_eq!(m.poison_parked.load(Ordering::Relaxed), 1, "{qt}");
         // The neighbours were all handled; the poison message was never
         // charged to the broker's own delivery limit, and nothing is left.
