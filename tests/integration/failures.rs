@@ -117,8 +117,11 @@ fn fixtures_fail_the_way_they_should_without_a_broker() -> anyhow::Result<()> {
     assert!(
         matches!(invoke_fixture("spin", limits)?, Err(PluginFailure::Timeout(t)) if t == limits.timeout)
     );
+    // Time enough to reach the memory limit on a loaded machine: with the
+    // 100 ms above, a slow allocation loop ended as a timeout instead.
+    let hog_limits = InvokeLimits::new(Duration::from_secs(30), 16 << 20);
     assert!(
-        matches!(invoke_fixture("hog", limits)?, Err(PluginFailure::OutOfMemory(b)) if b == 16 << 20)
+        matches!(invoke_fixture("hog", hog_limits)?, Err(PluginFailure::OutOfMemory(b)) if b == 16 << 20)
     );
     assert!(matches!(
         invoke_fixture("noop", limits)?,
