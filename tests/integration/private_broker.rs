@@ -119,6 +119,31 @@ fn fastrand_u16() -> u16 {
     (nanos ^ std::process::id()) as u16
 }
 
+/// Declare `out` and the classic queue `q` on `broker`, queue `n` messages
+/// asking the probe to publish to `out`, then raise the broker's memory
+/// alarm: from then on every publisher waits, warren's and the test's.
+async fn queue_then_alarm(
+    broker: PrivateBroker,
+    q: &str,
+    out: &str,
+    n: usize,
+) -> anyhow::Result<PrivateBroker> {
+    let client = Client::connect_to(&broker.url()).await?;
+    client.declare_queue(out).await?;
+    client.declare_classic(q).await?;
+    for i in 0..n {
+        client
+            .send(q, format!("publish - {out} m{i}").as_bytes())
+            .await?;
+    }
+    drop(client);
+    tokio::task::spawn_blocking(move || {
+        broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"])?;
+        anyhow::Ok(broker)
+    })
+    .await?
+}
+
 #[tokio::test]
 async fn a_blocked_connection_is_shown_and_shutdown_keeps_its_grace() -> anyhow::Result<()> {
     let broker = tokio::task::spawn_blocking(|| PrivateBroker::start("", "")).await??;
@@ -126,20 +151,7 @@ async fn a_blocked_connection_is_shown_and_shutdown_keeps_its_grace() -> anyhow:
     let out = format!("{q}.out");
     // The work is queued before the alarm and before warren starts: once the
     // alarm is raised, every publisher waits, the test's too.
-    let client = Client::connect_to(&broker.url()).await?;
-    client.declare_queue(&out).await?;
-    client.declare_classic(&q).await?;
-    for i in 0..8 {
-        client
-            .send(&q, format!("publish - {out} m{i}").as_bytes())
-            .await?;
-    }
-    drop(client);
-    let broker = tokio::task::spawn_blocking(move || {
-        broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"])?;
-        anyhow::Ok(broker)
-    })
-    .await??;
+    let broker = queue_then_alarm(broker, &q, &out, 8).await?;
 
     let extra = "queue_type = \"classic\"\nconcurrency = 4\nprefetch = 8\n";
     let mut cfg = config_for(&broker.url(), "", &pipeline("alarm", &q, "probe", extra))?;
@@ -241,20 +253,7 @@ async fn deaths_while_blocked_or_closed_by_force_park_no_innocent_message() -> a
     let broker = tokio::task::spawn_blocking(|| PrivateBroker::start("", "")).await??;
     let q = unique("forced");
     let (out, dlq) = (format!("{q}.out"), format!("{q}.dlq"));
-    let client = Client::connect_to(&broker.url()).await?;
-    client.declare_queue(&out).await?;
-    client.declare_classic(&q).await?;
-    for i in 0..MESSAGES {
-        client
-            .send(&q, format!("publish - {out} m{i}").as_bytes())
-            .await?;
-    }
-    drop(client);
-    let broker = tokio::task::spawn_blocking(move || {
-        broker.ctl(&["set_vm_memory_high_watermark", "0.0000001"])?;
-        anyhow::Ok(broker)
-    })
-    .await??;
+    let broker = queue_then_alarm(broker, &q, &out, MESSAGES).await?;
 
     let extra = "queue_type = \"classic\"\nconcurrency = 4\nprefetch = 16\n";
     let cfg = config_for(&broker.url(), "", &pipeline("forced", &q, "probe", extra))?;
